@@ -83,11 +83,11 @@ class ModelRunner:
                 meta,
                 self.kv.layers,
             )
-            last_rows = [query_start[i + 1] - 1 for i in sample_rows]
-            if len(last_rows) == hidden.shape[0]:
-                sample_hidden = hidden
+            if len(sample_rows) == hidden.shape[0]:
+                sample_hidden = hidden  # all decodes: every row is a sequence's last token
             else:
-                sample_hidden = hidden[torch.tensor(last_rows, device=dev)]
+                last_rows = [query_start[i + 1] - 1 for i in sample_rows]
+                sample_hidden = hidden[torch.tensor(last_rows, dtype=torch.int64, device=dev)]
             sample_logits = self.model.compute_logits(sample_hidden).float()
             prompt_logits = {
                 i: self.model.compute_logits(hidden[query_start[i] : query_start[i + 1]]).float()
