@@ -66,8 +66,9 @@ def resolve_model_path(model: str | Path) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
     except Exception as e:
+        reason = " ".join(str(e).split())[:300]
         raise LoadError(
-            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). If this machine "
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason}). If this machine "
             f"is offline, pass the path of a local directory with config.json, *.safetensors and tokenizer "
             f"files instead of the hub id"
         ) from None

@@ -1,0 +1,169 @@
+"""``slimlm bench throughput``: prefill, batch-1 decode and concurrent throughput of the engine.
+
+Batch-1 decode is reported next to the machine's read bandwidth measured in the same run (decode reads
+every weight once per token), and ``--baseline hf`` times transformers' ``generate`` on the same
+checkpoint and dtype in the same process, interleaved with ours (A B A B, medians), since this
+machine's bandwidth moves by tens of percent within seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from slimlm.bench.bandwidth import read_bandwidth_gbs
+from slimlm.bench.stats import summarize
+from slimlm.engine.config import EngineConfig
+from slimlm.engine.engine import Engine
+from slimlm.sampling_params import SamplingParams
+
+
+@dataclass
+class ThroughputConfig:
+    model: str
+    input_len: int = 128
+    output_len: int = 128
+    concurrency: int = 32
+    repeats: int = 3
+    baseline: str | None = None  # "hf": transformers generate, same checkpoint and dtype
+    seed: int = 0
+    engine: dict = field(default_factory=dict)  # extra EngineConfig fields
+
+    def __post_init__(self):
+        for name in ("input_len", "output_len", "concurrency", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.baseline not in (None, "hf"):
+            raise ValueError(f"baseline must be 'hf' or None, got {self.baseline!r}")
+
+
+def _prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    hi = max(16, min(vocab, 8000))
+    return [[rng.randrange(8, hi) for _ in range(length)] for _ in range(count)]
+
+
+def _run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Submits all prompts at once and steps to completion; per-request TTFT, TPOT and end-to-end."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{i}", prompt, params)
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, int]] = {}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+            if out.finished:
+                done[out.request_id] = (now, len(out.outputs[0].token_ids))
+    wall = time.perf_counter() - start
+    ttft = [first[r] for r in done]
+    tpot = [(e2e - first[r]) / (n - 1) for r, (e2e, n) in done.items() if n > 1]
+    total_out = sum(n for _, n in done.values())
+    return {"wall_s": wall, "ttft_s": ttft, "tpot_s": tpot, "output_tokens": total_out}
+
+
+def _weight_bytes_per_token(engine: Engine) -> int:
+    """Bytes of weights one decode step reads: every parameter, but only one row of an untied embedding."""
+    model = engine.loaded.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:
+        emb = model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def run_throughput(config: ThroughputConfig) -> dict:
+    engine = Engine(EngineConfig(model=config.model, max_num_seqs=max(config.concurrency, 1), **config.engine))
+    vocab = engine.model_config.vocab_size
+    dtype = str(engine.dtype).replace("torch.", "")
+    prompts = _prompts(config.concurrency, config.input_len, vocab, config.seed)
+    single = prompts[:1]
+    _run_batch(engine, single, 4)  # warm-up: kernels built, caches touched
+
+    hf = None
+    if config.baseline == "hf":
+        from slimlm.bench.hf_baseline import HFBaseline
+
+        hf = HFBaseline(str(engine.loaded.path), engine.dtype)
+    ours_decode, ours_prefill, hf_decode, hf_prefill, bandwidth = [], [], [], [], []
+    steps = tqdm(range(config.repeats), desc="batch-1 (interleaved)", unit="round")
+    for _ in steps:
+        bandwidth.append(read_bandwidth_gbs())
+        run = _run_batch(engine, single, config.output_len)
+        ours_prefill.append(config.input_len / run["ttft_s"][0])
+        ours_decode.append(1.0 / run["tpot_s"][0])
+        if hf is not None:
+            hf_prefill.append(hf.prefill_tokens_per_s(single[0]))
+            hf_decode.append(hf.decode_tokens_per_s(single[0], config.output_len))
+    concurrent = _run_batch(engine, prompts, config.output_len)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+    decode = statistics.median(ours_decode)
+    bound = statistics.median(bandwidth)
+    bytes_per_token = _weight_bytes_per_token(engine)
+    report = {
+        "model": config.model,
+        "dtype": dtype,
+        "device": str(engine.device),
+        "threads": torch.get_num_threads(),
+        "input_len": config.input_len,
+        "output_len": config.output_len,
+        "prefill_tok_s": statistics.median(ours_prefill),
+        "decode_batch1_tok_s": decode,
+        "decode_batch1_runs": ours_decode,
+        "weight_bytes_per_token": bytes_per_token,
+        "decode_gb_s": decode * bytes_per_token / 1e9,
+        "read_bandwidth_gb_s": bound,
+        "bandwidth_fraction": decode * bytes_per_token / 1e9 / bound,
+        "concurrency": config.concurrency,
+        "concurrent_output_tok_s": concurrent["output_tokens"] / concurrent["wall_s"],
+        "ttft_s": summarize(concurrent["ttft_s"]),
+        "tpot_s": summarize(concurrent["tpot_s"]),
+        "peak_rss_gib_before_baseline": peak_rss,
+    }
+    report["concurrent_over_batch1"] = report["concurrent_output_tok_s"] / decode
+    if hf is not None:
+        report["baseline"] = {
+            "name": "transformers generate",
+            "decode_batch1_tok_s": statistics.median(hf_decode),
+            "decode_batch1_runs": hf_decode,
+            "prefill_tok_s": statistics.median(hf_prefill),
+        }
+        report["decode_speedup_vs_baseline"] = decode / report["baseline"]["decode_batch1_tok_s"]
+        report["prefill_speedup_vs_baseline"] = report["prefill_tok_s"] / report["baseline"]["prefill_tok_s"]
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"model {r['model']}  dtype {r['dtype']}  device {r['device']}  threads {r['threads']}",
+        f"prefill ({r['input_len']} tokens, batch 1): {r['prefill_tok_s']:.1f} tok/s",
+        f"decode batch 1: {r['decode_batch1_tok_s']:.1f} tok/s  "
+        f"(runs: {', '.join(f'{v:.1f}' for v in r['decode_batch1_runs'])})",
+        f"  weights read per token {r['weight_bytes_per_token'] / 1e6:.1f} MB -> {r['decode_gb_s']:.1f} GB/s "
+        f"= {100 * r['bandwidth_fraction']:.0f}% of the measured read bandwidth {r['read_bandwidth_gb_s']:.1f} GB/s",
+        f"{r['concurrency']} concurrent ({r['input_len']} in / {r['output_len']} out): "
+        f"{r['concurrent_output_tok_s']:.1f} output tok/s = {r['concurrent_over_batch1']:.2f}x batch-1",
+        "  TTFT s  mean {mean:.3f}  p50 {p50:.3f}  p95 {p95:.3f}".format(**r["ttft_s"]),
+        "  TPOT s  mean {mean:.4f}  p50 {p50:.4f}  p95 {p95:.4f}".format(**r["tpot_s"]),
+        f"peak RSS {r['peak_rss_gib_before_baseline']:.2f} GiB",
+    ]
+    if "baseline" in r:
+        b = r["baseline"]
+        lines += [
+            f"baseline {b['name']}: decode {b['decode_batch1_tok_s']:.1f} tok/s "
+            f"(runs: {', '.join(f'{v:.1f}' for v in b['decode_batch1_runs'])}), prefill {b['prefill_tok_s']:.1f} tok/s",
+            f"  slimlm / baseline: decode {r['decode_speedup_vs_baseline']:.2f}x, "
+            f"prefill {r['prefill_speedup_vs_baseline']:.2f}x",
+        ]
+    return "\n".join(lines)
+

@@ -1,0 +1,193 @@
+"""The ``slimlm`` command: argument parsing only; the work lives in the subpackages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from slimlm.engine.config import EngineConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default=None, help="auto (fastest measured), float32, bfloat16, float16")
+    g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
+    g.add_argument("--block-size", type=int, default=EngineConfig.block_size)
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    g.add_argument("--kernels", default="auto", choices=["auto", "torch", "cpu"])
+    g.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        dtype=a.dtype,
+        device=a.device,
+        max_model_len=a.max_model_len,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        block_size=a.block_size,
+        kv_cache_memory=a.kv_cache_memory,
+        kernels=a.kernels,
+        enable_prefix_caching=not a.no_prefix_caching,
+    )
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--logprobs", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(a: argparse.Namespace):
+    from slimlm.sampling_params import SamplingParams
+
+    return SamplingParams(
+        n=a.n,
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty,
+        seed=a.seed,
+        stop=a.stop,
+        logprobs=a.logprobs,
+        ignore_eos=a.ignore_eos,
+    )
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from slimlm import LLM
+
+    params = _sampling_params(a)
+    llm = LLM(a.model, **_engine_kwargs(a))
+    start = time.perf_counter()
+    outputs = llm.generate(a.prompt, params, use_tqdm=not a.json)
+    elapsed = time.perf_counter() - start
+    if a.json:
+        records = []
+        for prompt, out in zip(a.prompt, outputs, strict=True):
+            records.append(
+                {
+                    "prompt": prompt,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "outputs": [
+                        {
+                            "text": c.text,
+                            "token_ids": c.token_ids,
+                            "finish_reason": c.finish_reason,
+                            "cumulative_logprob": c.cumulative_logprob,
+                        }
+                        for c in out.outputs
+                    ],
+                }
+            )
+        generated = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+        print(json.dumps({"results": records, "elapsed_s": elapsed, "output_tok_s": generated / elapsed}, indent=2))
+    else:
+        for prompt, out in zip(a.prompt, outputs, strict=True):
+            for c in out.outputs:
+                print(f"{prompt}{c.text}")
+                print(f"[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]")
+    return 0
+
+
+def cmd_new_model(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from slimlm.model.new_model import new_model
+
+    out = Path(a.out)
+    if a.exist_ok and (out / "config.json").exists():
+        print(f"{out} already exists; keeping it")
+        return 0
+    path = new_model(a.shape, out, num_layers=a.layers, seed=a.seed, dtype=a.dtype, overwrite=a.overwrite)
+    print(f"wrote a random-initialised {a.shape} checkpoint to {path}")
+    return 0
+
+
+def cmd_bench_throughput(a: argparse.Namespace) -> int:
+    from slimlm.bench.throughput import ThroughputConfig, format_report, run_throughput
+
+    config = ThroughputConfig(
+        model=a.model,
+        input_len=a.input_len,
+        output_len=a.output_len,
+        concurrency=a.concurrency,
+        repeats=a.repeats,
+        baseline=a.baseline,
+        engine=_engine_kwargs(a) | {"max_num_seqs": max(a.concurrency, 1)},
+    )
+    report = run_throughput(config)
+    print(json.dumps(report, indent=2) if a.json else format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimlm", description="Make open LLMs small and fast, with numbers.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("model", help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    _sampling_args(p)
+    _engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("new-model", help="write a random-initialised checkpoint of a published shape")
+    p.add_argument("shape", help="a shape name (e.g. smollm2-135m) or a config.json path")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--exist-ok", action="store_true", help="do nothing if OUT already holds a checkpoint")
+    p.set_defaults(func=cmd_new_model)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("throughput", help="prefill, batch-1 decode and concurrent throughput")
+    p.add_argument("model")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved batch-1 rounds (medians reported)")
+    p.add_argument("--baseline", choices=["hf"], default=None)
+    p.add_argument("--json", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
