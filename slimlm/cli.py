@@ -142,6 +142,14 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_step(a: argparse.Namespace) -> int:
+    from slimlm.bench.step import StepConfig, format_step_report, run_step_bench
+
+    report = run_step_bench(StepConfig(model=a.model, steps=a.steps, engine=_engine_kwargs(a)))
+    print(json.dumps(report, indent=2) if a.json else format_step_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimlm", description="Make open LLMs small and fast, with numbers.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -176,12 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _engine_args(p)
     p.set_defaults(func=cmd_bench_throughput)
+
+    p = bench.add_parser("step", help="time of one batch-1 decode step and its phases (engine overhead)")
+    p.add_argument("model")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--json", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_bench_step)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, MemoryError) as e:

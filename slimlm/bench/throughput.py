@@ -166,4 +166,3 @@ def format_report(r: dict) -> str:
             f"prefill {r['prefill_speedup_vs_baseline']:.2f}x",
         ]
     return "\n".join(lines)
-

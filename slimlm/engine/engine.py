@@ -45,6 +45,11 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     preemptions: int = 0
+    # Seconds spent in each phase of step(), summed: where per-step overhead goes.
+    schedule_s: float = 0.0
+    model_s: float = 0.0
+    sample_s: float = 0.0
+    postprocess_s: float = 0.0
 
 
 class Engine:
@@ -190,36 +195,56 @@ class Engine:
     # ---- one step -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        self.stats.preemptions += batch.num_preempted
+        stats = self.stats
+        stats.preemptions += batch.num_preempted
+        t1 = time.perf_counter()
+        stats.schedule_s += t1 - t0
         if not batch.seqs:
             return []
         want = {
             i
             for i, seq in enumerate(batch.seqs)
-            if seq.index == 0 and seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
+            if seq.index == 0
+            and seq.params.prompt_logprobs is not None
+            and seq.num_computed_tokens < seq.num_prompt_tokens
         }
         out = self.runner.execute(batch, want)
-        self.stats.steps += 1
+        t2 = time.perf_counter()
+        stats.model_s += t2 - t1
+        stats.steps += 1
         touched: dict[str, Request] = {}
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
             if i in out.prompt_logits:
                 self._record_prompt_logprobs(seq, out.prompt_logits[i])
-            self.stats.prompt_tokens += max(0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens) - seq.num_computed_tokens)
+            self.stats.prompt_tokens += max(
+                0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens) - seq.num_computed_tokens
+            )
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         if out.sample_rows:
             self._sample(batch, out)
-        outputs = [self._output(request) for request in touched.values() if request.seqs[0].first_token_time or request.finished]
+        outputs = [
+            self._output(request)
+            for request in touched.values()
+            if request.seqs[0].first_token_time or request.finished
+        ]
         for request in touched.values():
             if request.finished:
                 self.requests.pop(request.request_id, None)
+        stats.postprocess_s += time.perf_counter() - t2
         return outputs
 
     def _sample(self, batch: ScheduledBatch, out: ModelOutput) -> None:
         seqs = [batch.seqs[i] for i in out.sample_rows]
+        start = time.perf_counter()
         result = self.sampler(out.sample_logits, [seq.sampling for seq in seqs])
+        now = time.perf_counter()
+        # Postprocessing time is measured around this call: the sampler's share moves to sample_s.
+        self.stats.sample_s += now - start
+        self.stats.postprocess_s -= now - start
         now = time.monotonic()
         for j, seq in enumerate(seqs):
             self._append_token(seq, result, j, now)
@@ -234,10 +259,15 @@ class Engine:
         if result.logprobs is not None:
             seq.cumulative_logprob += result.logprobs[row]
             if params.logprobs is not None:
-                entry = {token: Logprob(result.logprobs[row], result.ranks[row], self._decode_one(token))}
-                for rank, (tid, lp) in enumerate(zip(result.top_token_ids[row], result.top_logprobs[row]), 1):
-                    entry.setdefault(tid, Logprob(lp, rank, self._decode_one(tid)))
-                seq.logprobs.append(entry)
+                seq.logprobs.append(
+                    self._logprob_entry(
+                        token,
+                        result.logprobs[row],
+                        result.ranks[row],
+                        result.top_token_ids[row],
+                        result.top_logprobs[row],
+                    )
+                )
         num_out = len(seq.output_token_ids)
         stop_token = num_out >= params.min_tokens and (
             token in seq.sampling.eos_token_ids or token in (params.stop_token_ids or ())
@@ -270,10 +300,16 @@ class Engine:
         targets = torch.tensor(seq.prompt_token_ids[start + 1 : stop + 1], device=logits.device)
         lps, ranks, top_ids, top_lps = compute_logprobs(logits[: stop - start], targets, seq.params.prompt_logprobs)
         for j, tid in enumerate(targets.tolist()):
-            entry = {tid: Logprob(lps[j], ranks[j], self._decode_one(tid))}
-            for rank, (t, lp) in enumerate(zip(top_ids[j], top_lps[j]), 1):
-                entry.setdefault(t, Logprob(lp, rank, self._decode_one(t)))
-            request.prompt_logprobs.append(entry)
+            request.prompt_logprobs.append(self._logprob_entry(tid, lps[j], ranks[j], top_ids[j], top_lps[j]))
+
+    def _logprob_entry(
+        self, token: int, logprob: float, rank: int, top_ids: list[int], top_lps: list[float]
+    ) -> dict[int, Logprob]:
+        """vLLM's shape: the chosen token first, then the top-N (which may include it) with ranks 1..N."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token))}
+        for top_rank, (tid, lp) in enumerate(zip(top_ids, top_lps, strict=True), 1):
+            entry.setdefault(tid, Logprob(lp, top_rank, self._decode_one(tid)))
+        return entry
 
     def _decode_one(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])

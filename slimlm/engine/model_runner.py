@@ -26,7 +26,14 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.storage = torch.empty(
-            cfg.num_layers, 2, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=dtype, device=device
+            cfg.num_layers,
+            2,
+            num_blocks,
+            cfg.num_kv_heads,
+            block_size,
+            cfg.head_dim,
+            dtype=dtype,
+            device=device,
         )
         self.layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(cfg.num_layers)]
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -39,6 +42,75 @@ REFERENCE_OPS = Ops(
 )
 
 
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "cpu")
+_cpu_lock = threading.Lock()
+_cpu_ops: Ops | None = None
+_cpu_error: BaseException | None = None
+
+
+def _load_cpu_ops() -> Ops:
+    """The C++ kernels (built on first use, then cached on disk); raises if they cannot be built."""
+    global _cpu_ops, _cpu_error
+    with _cpu_lock:
+        if _cpu_ops is not None:
+            return _cpu_ops
+        if _cpu_error is not None:
+            raise _cpu_error
+        try:
+            from slimlm.kernels import cpu
+
+            ext = cpu.load()
+        except Exception as exc:  # compiler missing, build error, ...
+            _cpu_error = exc
+            raise
+        _cpu_ops = Ops(
+            name="cpu",
+            rms_norm=ext.rms_norm,
+            fused_add_rms_norm=ext.fused_add_rms_norm,
+            apply_rope=ext.apply_rope,
+            rope_and_cache=ext.rope_and_cache,
+            paged_attention=ext.paged_attention,
+            silu_and_mul=ext.silu_and_mul,
+        )
+        return _cpu_ops
+
+
+_warned = False
+
+
 def get_ops(device: torch.device | str, backend: str = "auto") -> Ops:
-    """Ops for ``device``: ``backend`` is "auto" (fastest available), "torch" (reference) or "cpu"."""
-    return REFERENCE_OPS
+    """Ops for ``device``: ``backend`` is "auto" (fastest available), "torch" (reference) or "cpu".
+
+    On a CPU device, "auto" and "cpu" give the fused C++ kernels of ``slimlm/kernels/cpu`` (compiled on
+    first use, about half a minute, then loaded from ``~/.cache/slimlm``); if they cannot be built, "auto"
+    logs one warning and falls back to the reference ops while "cpu" raises. Other devices get the
+    reference ops. The environment variable ``SLIMLM_KERNELS=torch`` forces the reference ops everywhere.
+    """
+    global _warned
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+    if os.environ.get("SLIMLM_KERNELS", "").strip().lower() == "torch" or backend == "torch":
+        return REFERENCE_OPS
+    device = torch.device(device)
+    if device.type != "cpu":
+        if backend == "cpu":
+            raise ValueError(f"kernel backend 'cpu' needs a CPU device, got {device}")
+        return REFERENCE_OPS
+    try:
+        return _load_cpu_ops()
+    except Exception as exc:
+        if backend == "cpu":
+            raise RuntimeError(
+                f"could not build the C++ CPU kernels ({type(exc).__name__}: {exc}); "
+                "use backend 'torch' or SLIMLM_KERNELS=torch for the reference ops"
+            ) from exc
+        if not _warned:
+            _warned = True
+            logger.warning(
+                "C++ CPU kernels unavailable (%s: %s); using the slower reference ops",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+        return REFERENCE_OPS

@@ -69,8 +69,7 @@ class ModelConfig:
         arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"{source}: architecture {arch!r} is not supported; slimlm runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{source}: architecture {arch!r} is not supported; slimlm runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":

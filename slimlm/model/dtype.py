@@ -33,7 +33,7 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"dtype {value!r} is not supported; use auto, float32, bfloat16 or float16") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fastest_dtype(device_type: str) -> torch.dtype:
     """The 16-bit dtype with the highest measured matmul throughput on this device type.
 

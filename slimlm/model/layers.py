@@ -144,4 +144,3 @@ class DecoderLayer(nn.Module):
     def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), positions, cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
-

@@ -57,8 +57,10 @@ def test_requests_arriving_mid_run_match_their_solo_outputs(hf_checkpoints):
     engine = make_engine(path, max_num_batched_tokens=48)  # small budget: prompts are chunked too
     prompts = random_prompts(16, 300, seed=3, lo=2, hi=90)
     lengths = [5 + 7 * (i % 5) for i in range(16)]
-    solo = [run_alone(engine, p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-            for p, n in zip(prompts, lengths, strict=True)]
+    solo = [
+        run_alone(engine, p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
     pending = list(range(16))
     results: dict[str, list[int]] = {}
     step = 0
@@ -66,8 +68,9 @@ def test_requests_arriving_mid_run_match_their_solo_outputs(hf_checkpoints):
         # Two new requests join every third step while earlier ones are mid-prefill or decoding.
         if pending and step % 3 == 0:
             for i in pending[:2]:
-                engine.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=lengths[i],
-                                                                       ignore_eos=True))
+                engine.add_request(
+                    str(i), prompts[i], SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True)
+                )
             pending = pending[2:]
         for out in engine.step():
             if out.finished:
@@ -107,19 +110,30 @@ def test_tiny_kv_budget_preempts_and_still_finishes_everything(hf_checkpoints):
 
 
 def test_seeded_sampling_reproduces_whatever_the_batch(hf_checkpoints):
-    llm = LLM(str(hf_checkpoints["llama-gqa-tied"]), dtype="float32", skip_tokenizer_init=True,
-              max_model_len=256, num_kv_blocks=128)
+    llm = LLM(
+        str(hf_checkpoints["llama-gqa-tied"]),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        max_model_len=256,
+        num_kv_blocks=128,
+    )
     prompt = [1, 2, 3, 4]
     seeded = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=1234, ignore_eos=True)
     alone = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
     others = random_prompts(5, 300, seed=2)
-    mixed = llm.generate(others[:3] + [prompt] + others[3:],
-                         [SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)] * 3 + [seeded]
-                         + [SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)] * 2,
-                         use_tqdm=False)
+    mixed = llm.generate(
+        others[:3] + [prompt] + others[3:],
+        [SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)] * 3
+        + [seeded]
+        + [SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)] * 2,
+        use_tqdm=False,
+    )
     assert mixed[3].outputs[0].token_ids == alone
-    other_seed = llm.generate([prompt], SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=99,
-                                                       ignore_eos=True), use_tqdm=False)
+    other_seed = llm.generate(
+        [prompt],
+        SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=99, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert other_seed[0].outputs[0].token_ids != alone
     # n > 1 samples of one seeded request differ from each other yet reproduce together.
     pair = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=7, ignore_eos=True)
@@ -133,8 +147,11 @@ def test_logprobs_and_prompt_logprobs_match_the_reference_model(hf_checkpoints):
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64)
     prompt = random_prompts(1, 300, seed=9, lo=12, hi=12)[0]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2,
-                                                ignore_eos=True), use_tqdm=False)[0]
+    out = llm.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     full = prompt + out.outputs[0].token_ids
     with torch.no_grad():
         ref_lp = torch.log_softmax(ref(torch.tensor([full])).logits[0].float(), -1)
@@ -153,8 +170,13 @@ def test_logprobs_and_prompt_logprobs_match_the_reference_model(hf_checkpoints):
 
 
 def test_bad_requests_are_rejected_without_disturbing_others(hf_checkpoints):
-    llm = LLM(str(hf_checkpoints["llama-gqa-tied"]), dtype="float32", skip_tokenizer_init=True,
-              max_model_len=64, num_kv_blocks=32)
+    llm = LLM(
+        str(hf_checkpoints["llama-gqa-tied"]),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        max_model_len=64,
+        num_kv_blocks=32,
+    )
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([[1] * 64], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -18,8 +18,15 @@ TEXT = (
 def llm(tmp_path_factory):
     tok = train_tokenizer([TEXT * 20], vocab_size=320)
     path = tmp_path_factory.mktemp("text") / "model"
-    overrides = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                     head_dim=16, vocab_size=len(tok), max_position_embeddings=512)
+    overrides = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+    )
     new_model("smollm2-135m", path, num_layers=2, seed=3, dtype="float32", overrides=overrides, tokenizer=tok)
     return LLM(str(path), dtype="float32", max_model_len=512, num_kv_blocks=64)
 

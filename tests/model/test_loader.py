@@ -78,7 +78,10 @@ def test_shape_mismatch_names_tensor_and_shapes(checkpoint):
     cfg = json.loads((checkpoint / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (checkpoint / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match=r"tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape .*96.* but config\.json implies .*100"):
+    with pytest.raises(
+        LoadError,
+        match=r"tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape .*96.* but config\.json implies .*100",
+    ):
         load_model(checkpoint, load_tokenizer_files=False)
 
 
