@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from slimlm.kernels import reference
 
@@ -29,6 +30,7 @@ class Ops:
     rope_and_cache: Callable
     paged_attention: Callable
     silu_and_mul: Callable
+    linear: Callable  # (x [.., K], weight [N, K], bias [N] | None) -> [.., N]
 
 
 REFERENCE_OPS = Ops(
@@ -39,6 +41,7 @@ REFERENCE_OPS = Ops(
     rope_and_cache=_reference_rope_and_cache,
     paged_attention=reference.paged_attention,
     silu_and_mul=reference.silu_and_mul,
+    linear=F.linear,
 )
 
 
@@ -59,9 +62,10 @@ def _load_cpu_ops() -> Ops:
         if _cpu_error is not None:
             raise _cpu_error
         try:
-            from slimlm.kernels import cpu
+            from slimlm.kernels import cpu, cpu_linear
 
             ext = cpu.load()
+            linear = cpu_linear.load().linear
         except Exception as exc:  # compiler missing, build error, ...
             _cpu_error = exc
             raise
@@ -73,6 +77,7 @@ def _load_cpu_ops() -> Ops:
             rope_and_cache=ext.rope_and_cache,
             paged_attention=ext.paged_attention,
             silu_and_mul=ext.silu_and_mul,
+            linear=linear,
         )
         return _cpu_ops
 

@@ -50,7 +50,7 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.output_weight)
+        return self.ops.linear(hidden, self.output_weight, None)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, L, vocab]`` for a padded-free ``[B, L]`` batch, without a cache (training, eval)."""
@@ -58,4 +58,4 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer.forward_dense(x, positions, self.cos_sin)
-        return self.compute_logits(self.norm(x))
+        return F.linear(self.norm(x), self.output_weight)

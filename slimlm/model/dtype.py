@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from slimlm.kernels import REFERENCE_OPS, Ops
+
 _NAMES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -34,31 +36,37 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 
 
 @functools.cache
-def fastest_dtype(device_type: str) -> torch.dtype:
-    """The 16-bit dtype with the highest measured matmul throughput on this device type.
+def fastest_dtype(device_type: str, ops: Ops = REFERENCE_OPS) -> torch.dtype:
+    """The dtype whose linears run fastest here, timed through the kernels the engine will use.
 
-    On CUDA bf16 where supported. On CPU the answer depends on the ISA (AVX512-BF16 makes bf16 ~4x
-    float32; without native fp16 float16 falls back to a slow path), so time a small GEMM of each.
+    On CUDA: bf16 where supported. On CPU the answer depends on the ISA and the kernels: without
+    AVX512-BF16, torch's bf16 GEMM is emulated (slower than fp32), while slimlm's CPU kernel streams
+    bf16 weights at half the bytes. Decode (one row) dominates generation, so a dtype wins on its
+    one-row time unless its 64-row (prefill) time is more than twice the best.
     """
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device_type != "cpu":
         return torch.float32
-    timings = {dtype: _matmul_seconds(dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32)}
-    return min(timings, key=timings.get)
+    candidates = (torch.bfloat16, torch.float32)
+    decode = {d: _linear_seconds(ops.linear, d, rows=1) for d in candidates}
+    prefill = {d: _linear_seconds(ops.linear, d, rows=64) for d in candidates}
+    best_prefill = min(prefill.values())
+    usable = [d for d in candidates if prefill[d] <= 2 * best_prefill]
+    return min(usable, key=decode.get)
 
 
-def _matmul_seconds(dtype: torch.dtype, size: int = 512, repeats: int = 3) -> float:
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.matmul(a, b)
-    best = float("inf")
+def _linear_seconds(linear, dtype: torch.dtype, rows: int, size: int = 1536, repeats: int = 5) -> float:
+    x = torch.randn(rows, size).to(dtype)
+    w = torch.randn(size, size).to(dtype)
+    linear(x, w, None)
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return best
+        linear(x, w, None)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
 
 
-def resolve_dtype(requested: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    return parse_dtype(requested) or fastest_dtype(device.type)
+def resolve_dtype(requested: str | torch.dtype | None, device: torch.device, ops: Ops = REFERENCE_OPS) -> torch.dtype:
+    return parse_dtype(requested) or fastest_dtype(device.type, ops)

@@ -52,8 +52,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def _project(self, x: torch.Tensor):
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+    def _project(self, x: torch.Tensor, linear=F.linear):
+        q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.split_sizes, dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, ops.linear)
         k_cache, v_cache = kv_cache
         ops.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
         out = ops.paged_attention(
@@ -83,7 +83,7 @@ class Attention(nn.Module):
             self.scale,
             self.sliding_window,
         )
-        return self.o_proj(out.flatten(-2))
+        return ops.linear(out.flatten(-2), self.o_proj.weight, self.o_proj.bias)
 
     def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self._project(x)
@@ -108,8 +108,11 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, silu_and_mul=reference.silu_and_mul) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ops: Ops | None = None) -> torch.Tensor:
+        if ops is None:  # the dense, autograd-friendly path
+            return self.down_proj(reference.silu_and_mul(self.gate_up_proj(x)))
+        h = ops.silu_and_mul(ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
+        return ops.linear(h, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -139,7 +142,7 @@ class DecoderLayer(nn.Module):
             x, residual = ops.fused_add_rms_norm(x, residual, self.input_layernorm.weight, self.eps)
         x = self.self_attn(ops, x, positions, cos_sin, meta, kv_cache)
         x, residual = ops.fused_add_rms_norm(x, residual, self.post_attention_layernorm.weight, self.eps)
-        return self.mlp(x, ops.silu_and_mul), residual
+        return self.mlp(x, ops), residual
 
     def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), positions, cos_sin)
