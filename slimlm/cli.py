@@ -135,6 +135,7 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
         concurrency=a.concurrency,
         repeats=a.repeats,
         baseline=a.baseline,
+        rss_requests=a.rss_requests,
         engine=_engine_kwargs(a) | {"max_num_seqs": max(a.concurrency, 1)},
     )
     report = run_throughput(config)
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="interleaved batch-1 rounds (medians reported)")
     p.add_argument("--baseline", choices=["hf"], default=None)
+    p.add_argument("--rss-requests", type=int, default=0, help="also run N sequential requests, report RSS")
     p.add_argument("--json", action="store_true")
     _engine_args(p)
     p.set_defaults(func=cmd_bench_throughput)

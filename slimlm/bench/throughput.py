@@ -14,6 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -32,6 +33,7 @@ class ThroughputConfig:
     concurrency: int = 32
     repeats: int = 3
     baseline: str | None = None  # "hf": transformers generate, same checkpoint and dtype
+    rss_requests: int = 0  # > 0: also run this many sequential requests and report RSS along the way
     seed: int = 0
     engine: dict = field(default_factory=dict)  # extra EngineConfig fields
 
@@ -71,6 +73,18 @@ def _run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dic
     return {"wall_s": wall, "ttft_s": ttft, "tpot_s": tpot, "output_tokens": total_out}
 
 
+def _rss_over_sequential_requests(engine: Engine, count: int, seed: int) -> dict:
+    """RSS while ``count`` distinct short requests run one after another: flat if finished KV is freed."""
+    process = psutil.Process()
+    vocab = engine.model_config.vocab_size
+    samples = []
+    for i, prompt in enumerate(tqdm(_prompts(count, 32, vocab, seed + 1), desc="sequential requests", unit="req")):
+        _run_batch(engine, [prompt], 8)
+        if i % max(1, count // 10) == 0 or i == count - 1:
+            samples.append(process.memory_info().rss / 2**20)
+    return {"requests": count, "rss_mib_samples": samples, "rss_growth_mib": samples[-1] - samples[0]}
+
+
 def _weight_bytes_per_token(engine: Engine) -> int:
     """Bytes of weights one decode step reads: every parameter, but only one row of an untied embedding."""
     model = engine.loaded.model
@@ -105,6 +119,9 @@ def run_throughput(config: ThroughputConfig) -> dict:
             hf_prefill.append(hf.prefill_tokens_per_s(single[0]))
             hf_decode.append(hf.decode_tokens_per_s(single[0], config.output_len))
     concurrent = _run_batch(engine, prompts, config.output_len)
+    sequential = (
+        _rss_over_sequential_requests(engine, config.rss_requests, config.seed) if config.rss_requests else None
+    )
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
     decode = statistics.median(ours_decode)
@@ -131,6 +148,8 @@ def run_throughput(config: ThroughputConfig) -> dict:
         "peak_rss_gib_before_baseline": peak_rss,
     }
     report["concurrent_over_batch1"] = report["concurrent_output_tok_s"] / decode
+    if sequential:
+        report["sequential_rss"] = sequential
     if hf is not None:
         report["baseline"] = {
             "name": "transformers generate",
@@ -157,6 +176,12 @@ def format_report(r: dict) -> str:
         "  TPOT s  mean {mean:.4f}  p50 {p50:.4f}  p95 {p95:.4f}".format(**r["tpot_s"]),
         f"peak RSS {r['peak_rss_gib_before_baseline']:.2f} GiB",
     ]
+    if "sequential_rss" in r:
+        q = r["sequential_rss"]
+        lines.append(
+            f"RSS over {q['requests']} sequential requests: {q['rss_mib_samples'][0]:.0f} -> "
+            f"{q['rss_mib_samples'][-1]:.0f} MiB (growth {q['rss_growth_mib']:+.1f} MiB)"
+        )
     if "baseline" in r:
         b = r["baseline"]
         lines += [

@@ -14,7 +14,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the KV cache; None: kv_cache_fraction of free memory
+    kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of free memory (at most 4 GiB on CPU)
     kv_cache_fraction: float = 0.3
     num_kv_blocks: int | None = None  # exact block count (overrides both budgets)
     enable_prefix_caching: bool = True

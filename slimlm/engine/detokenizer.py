@@ -187,9 +187,7 @@ class StopStringMatcher:
         self.stop = [s for s in (stop or []) if s]
         self.include_stop_str_in_output = include_stop_str_in_output
         self.fixed_holdback = fixed_holdback
-        self.max_holdback = (
-            max(len(s) for s in self.stop) - 1 if self.stop and not include_stop_str_in_output else 0
-        )
+        self.max_holdback = max(len(s) for s in self.stop) - 1 if self.stop and not include_stop_str_in_output else 0
         self.text = ""
         self.stop_reason: str | None = None
         self._streamed = 0

@@ -95,7 +95,8 @@ class Engine:
             elif self.device.type == "cuda":
                 budget = torch.cuda.mem_get_info(self.device)[0] * cfg.kv_cache_fraction
             else:
-                budget = psutil.virtual_memory().available * cfg.kv_cache_fraction
+                # Like vLLM's CPU backend, cap the default: host RAM is shared with everything else.
+                budget = min(psutil.virtual_memory().available * cfg.kv_cache_fraction, 4 * 2**30)
             # No point in reserving more than every sequence at full length could use.
             wanted = -(-cfg.max_num_seqs * self.max_model_len // cfg.block_size)
             blocks = min(int(budget // per_block), wanted)
@@ -136,8 +137,19 @@ class Engine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return None, list(prompt)
 
+    def default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's generation_config.json sampling defaults (as vLLM applies them), else vLLM's."""
+        gen = self.loaded.generation_config
+        fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        kwargs = {name: gen[name] for name in fields if gen.get(name) is not None}
+        if gen.get("do_sample") is False:
+            kwargs["temperature"] = 0.0
+        if gen.get("max_new_tokens"):
+            kwargs["max_tokens"] = int(gen["max_new_tokens"])
+        return SamplingParams(**kwargs)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling params must be a SamplingParams")
         if request_id in self.requests:

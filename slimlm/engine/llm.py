@@ -54,7 +54,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Runs every prompt to completion (batched continuously) and returns outputs in prompt order."""
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        params = _as_params_list(sampling_params or self.engine.default_sampling_params(), len(prompts))
         ids = self._add(prompts, params)
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
@@ -74,7 +74,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yields the request's output after every step that changed it; the last one has ``finished``."""
-        (request_id,) = self._add([prompt], [sampling_params or SamplingParams()])
+        (request_id,) = self._add([prompt], [sampling_params or self.engine.default_sampling_params()])
         try:
             while True:
                 for output in self.engine.step():
@@ -148,9 +148,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return prompts
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * count
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * count
     params = list(params)

@@ -55,9 +55,7 @@ def derive_seed(seed: int, index: int = 0) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64))
 
 
-def make_generator(
-    seed: int | None, index: int = 0, device: torch.device | str = "cpu"
-) -> torch.Generator | None:
+def make_generator(seed: int | None, index: int = 0, device: torch.device | str = "cpu") -> torch.Generator | None:
     """A private random stream for the ``index``-th sample of a request seeded with ``seed``.
 
     Returns None when ``seed`` is None (the row then uses the global RNG).  ``device`` must
