@@ -120,7 +120,21 @@ def cmd_new_model(a: argparse.Namespace) -> int:
     if a.exist_ok and (out / "config.json").exists():
         print(f"{out} already exists; keeping it")
         return 0
-    path = new_model(a.shape, out, num_layers=a.layers, seed=a.seed, dtype=a.dtype, overwrite=a.overwrite)
+    overrides = {}
+    for item in a.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = json.loads(value) if value[:1] in "-0123456789[{tn" else value
+    path = new_model(
+        a.shape,
+        out,
+        num_layers=a.layers,
+        seed=a.seed,
+        dtype=a.dtype,
+        overrides=overrides or None,
+        overwrite=a.overwrite,
+    )
     print(f"wrote a random-initialised {a.shape} checkpoint to {path}")
     return 0
 
@@ -172,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--exist-ok", action="store_true", help="do nothing if OUT already holds a checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.set_defaults(func=cmd_new_model)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

@@ -9,6 +9,7 @@ from torch import nn
 from slimlm.kernels import Ops
 from slimlm.model.config import ModelConfig
 from slimlm.model.layers import AttentionMetadata, DecoderLayer, RMSNorm
+from slimlm.model.paged_forward import LayerWeights, decoder_layer
 from slimlm.model.rope import cos_sin_table
 
 
@@ -24,6 +25,7 @@ class CausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_positions = max_positions or config.max_position_embeddings
+        self._inference_weights: list[LayerWeights] | None = None
         self.register_buffer("cos_sin", self.rope_table(), persistent=False)
 
     def rope_table(self) -> torch.Tensor:
@@ -42,12 +44,19 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` of a flattened batch run against the paged cache."""
         ops = self.ops
-        x = self.embed_tokens(input_ids)
+        if self._inference_weights is None:
+            self.refresh_inference_weights()
+        x = F.embedding(input_ids, self.embed_tokens.weight)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(ops, x, residual, positions, self.cos_sin, meta, kv_cache)
+        cos_sin = self.cos_sin
+        for weights, (k_cache, v_cache) in zip(self._inference_weights, kv_caches, strict=True):
+            x, residual = decoder_layer(ops, weights, x, residual, positions, cos_sin, meta, k_cache, v_cache)
         x, _ = ops.fused_add_rms_norm(x, residual, self.norm.weight, self.config.rms_norm_eps)
         return x
+
+    def refresh_inference_weights(self) -> None:
+        """Re-gather the tensors the inference forward reads (after parameters were replaced)."""
+        self._inference_weights = [LayerWeights.gather(layer) for layer in self.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(hidden, self.output_weight, None)

@@ -1,8 +1,8 @@
 """Decoder building blocks shared by the Llama-family architectures.
 
-Each block has two forwards: ``forward`` runs a flattened batch (tokens of many sequences concatenated)
-against the paged KV cache through the fused ``Ops``; ``forward_dense`` runs a ``[B, L]`` batch with plain
-autograd-friendly PyTorch for training and evaluation. Both read the same parameters.
+The modules own the parameters and run ``forward_dense``: a ``[B, L]`` batch in plain autograd-friendly
+PyTorch, for training and evaluation. Inference over the paged KV cache is ``paged_forward.decoder_layer``,
+a plain function over the same parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimlm.kernels import Ops, reference
+from slimlm.kernels import reference
 from slimlm.model import rope
 from slimlm.model.config import ModelConfig
 
@@ -52,38 +52,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def _project(self, x: torch.Tensor, linear=F.linear):
-        q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.split_sizes, dim=-1)
+    def _project(self, x: torch.Tensor):
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
-
-    def forward(
-        self,
-        ops: Ops,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        q, k, v = self._project(x, ops.linear)
-        k_cache, v_cache = kv_cache
-        ops.rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
-        out = ops.paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            self.scale,
-            self.sliding_window,
-        )
-        return ops.linear(out.flatten(-2), self.o_proj.weight, self.o_proj.bias)
 
     def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self._project(x)
@@ -108,11 +84,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, ops: Ops | None = None) -> torch.Tensor:
-        if ops is None:  # the dense, autograd-friendly path
-            return self.down_proj(reference.silu_and_mul(self.gate_up_proj(x)))
-        h = ops.silu_and_mul(ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
-        return ops.linear(h, self.down_proj.weight, self.down_proj.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(reference.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -123,26 +96,6 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-
-    def forward(
-        self,
-        ops: Ops,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is carried separately so each norm can fuse the preceding add.
-        if residual is None:
-            residual = x
-            x = ops.rms_norm(x, self.input_layernorm.weight, self.eps)
-        else:
-            x, residual = ops.fused_add_rms_norm(x, residual, self.input_layernorm.weight, self.eps)
-        x = self.self_attn(ops, x, positions, cos_sin, meta, kv_cache)
-        x, residual = ops.fused_add_rms_norm(x, residual, self.post_attention_layernorm.weight, self.eps)
-        return self.mlp(x, ops), residual
 
     def forward_dense(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), positions, cos_sin)
