@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.set_defaults(func=cmd_new_model)
 
+    from slimlm.train.cli import register as register_train
+
+    register_train(sub)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="prefill, batch-1 decode and concurrent throughput")
     p.add_argument("model")
