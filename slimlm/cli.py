@@ -150,7 +150,7 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
         repeats=a.repeats,
         baseline=a.baseline,
         rss_requests=a.rss_requests,
-        engine=_engine_kwargs(a) | {"max_num_seqs": max(a.concurrency, 1)},
+        engine=_engine_kwargs(a),
     )
     report = run_throughput(config)
     print(json.dumps(report, indent=2) if a.json else format_report(report))

@@ -96,7 +96,7 @@ def _weight_bytes_per_token(engine: Engine) -> int:
 
 
 def run_throughput(config: ThroughputConfig) -> dict:
-    engine = Engine(EngineConfig(model=config.model, max_num_seqs=max(config.concurrency, 1), **config.engine))
+    engine = Engine(EngineConfig(model=config.model, **{**config.engine, "max_num_seqs": config.concurrency}))
     vocab = engine.model_config.vocab_size
     dtype = str(engine.dtype).replace("torch.", "")
     prompts = _prompts(config.concurrency, config.input_len, vocab, config.seed)
