@@ -1,0 +1,581 @@
+// CPU linear: y = x @ W.T + b for bf16 or fp32 weights, fast at every batch size.
+//
+// Small M (decode): a hand-written AVX2/FMA kernel that streams W exactly once from memory.
+//   x is converted to fp32 once into a small zero-padded buffer that stays in cache; threads
+//   claim ~64 KB runs of W rows dynamically and, for every block of R rows, compute all M rows
+//   of x against it (the R rows stay in L1/L2 while the passes over M reuse them).
+//   bf16 -> fp32 is free of shuffles: one 256-bit load of 16 bf16 values is split into the
+//   even-index values (shift left 16) and the odd-index values (and 0xFFFF0000); x is packed
+//   in the matching "8 even, 8 odd" order per 16-element block, so no lane permutes are needed.
+// Large M (prefill): each thread converts its W rows in chunks into a reused fp32 scratch
+//   buffer and calls the fp32 GEMM (MKL via at::cpu::addmm_out / mm_out) on each chunk, so
+//   bf16 weights run at close to fp32 GEMM speed while only bf16 bytes live in memory.
+//   fp32 weights at large M go straight to at::addmm.
+// Math is fp32 throughout; the output has x's dtype (bf16 rounded to nearest even).
+
+// Per-op headers instead of <torch/extension.h>: builds several times faster.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "slimlm cpu_linear needs AVX2 and FMA (build with -march=native on such a CPU)"
+#endif
+
+namespace {
+
+// Largest M served by the streaming kernel (above it: convert-chunks + sgemm). Measured on a
+// 2-core Zen 3 VM (AVX2, 2 threads): bf16 W streaming >= GEMM path up to M=40 and equal at 48;
+// fp32 W streaming beats MKL sgemm up to M=32, about equal at 64-96, loses at 128.
+#ifndef SLIMLM_SMALL_MAX_BF16
+#define SLIMLM_SMALL_MAX_BF16 40
+#endif
+#ifndef SLIMLM_SMALL_MAX_F32
+#define SLIMLM_SMALL_MAX_F32 32
+#endif
+constexpr int64_t kSmallMaxBf16 = SLIMLM_SMALL_MAX_BF16;
+constexpr int64_t kSmallMaxF32 = SLIMLM_SMALL_MAX_F32;
+
+// ---------------------------------------------------------------------------------------------
+// Loading 16 K-elements of one W row as two fp32 vectors (lo, hi).
+//   bf16: lo = even-index elements, hi = odd-index elements (x is packed to match).
+//   fp32: lo = elements 0..7, hi = elements 8..15 (x packed in natural order).
+struct LoadBf16 {
+  using T = uint16_t;
+  static inline void load16(const T* p, __m256& lo, __m256& hi) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+
+struct LoadF32 {
+  using T = float;
+  static inline void load16(const T* p, __m256& lo, __m256& hi) {
+    lo = _mm256_loadu_ps(p);
+    hi = _mm256_loadu_ps(p + 8);
+  }
+};
+
+// Sums of 4 vectors -> 4 floats.
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_hadd_ps(a, b);  // a01 a23 b01 b23 | a45 a67 b45 b67
+  const __m256 cd = _mm256_hadd_ps(c, d);
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);  // a0123 b0123 c0123 d0123 | a4567 ...
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+static inline float hsum1(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R rows of W (w, row stride K) x MB rows of packed x (xf, row stride ldx, zero padded to a
+// multiple of 16) -> res[m * R + r]. When there are few accumulators, even and odd halves get
+// separate accumulators so that enough independent FMA chains are in flight.
+//
+// PF: software-prefetch the same offset of the next block of R rows (used on the first pass
+// over blocks of at most SLIMLM_PF_MAX_BLOCK bytes). Short rows (K=576: 1152 B) are too short for
+// the hardware stream prefetcher to ramp up (cold, 2 threads: 14.9 -> 17.8 GB/s on the smollm2
+// lm_head); for long rows it only pollutes L1 (K=2048 bf16, W in L3: 50 -> 25 GB/s).
+#ifndef SLIMLM_PF
+#define SLIMLM_PF 1
+#endif
+#ifndef SLIMLM_PF_MAX_BLOCK
+#define SLIMLM_PF_MAX_BLOCK 16384
+#endif
+template <class L, int R, int MB, bool PF = false>
+static inline void block_dot(const typename L::T* __restrict w, int64_t K, const float* __restrict xf,
+                             int64_t ldx, float* __restrict res) {
+  constexpr bool kSplit = R * MB < 8;
+  constexpr int A = kSplit ? 2 : 1;
+  __m256 acc[MB][R][A];
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm256_setzero_ps();
+
+  const int64_t K16 = K & ~int64_t(15);
+  auto step = [&](const typename L::T* const* rows, int64_t k, int64_t xk, bool prefetch) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      if constexpr (PF && SLIMLM_PF) {
+        if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * K + k), _MM_HINT_T0);
+      }
+      __m256 lo, hi;
+      L::load16(rows[r] + k, lo, hi);
+#pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) {
+        const float* xp = xf + m * ldx + xk;
+        acc[m][r][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp), acc[m][r][0]);
+        acc[m][r][A - 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp + 8), acc[m][r][A - 1]);
+      }
+    }
+  };
+  const typename L::T* rows[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) rows[r] = w + r * K;
+  for (int64_t k = 0; k < K16; k += 16) step(rows, k, k, true);
+  if (K16 < K) {
+    // Tail: copy the last K % 16 elements of each row into zeroed buffers (never read past
+    // the row: the next row may hold Inf/NaN and the last row ends the allocation).
+    alignas(32) typename L::T tail[R][16];
+    std::memset(tail, 0, sizeof(tail));
+    const typename L::T* trows[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(tail[r], rows[r] + K16, (K - K16) * sizeof(typename L::T));
+      trows[r] = tail[r];
+    }
+    step(trows, 0, K16, false);
+  }
+  if constexpr (kSplit) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]);
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (R == 4) {
+      _mm_storeu_ps(res + m * R, hsum4(acc[m][0][0], acc[m][1][0], acc[m][2][0], acc[m][3][0]));
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) res[m * R + r] = hsum1(acc[m][r][0]);
+    }
+  }
+}
+
+// One W row against one packed x row, front to back, 8 accumulators, software prefetch 1 KB
+// ahead. At M=1 with short rows (bf16 K=576: 1152 B) this sequential walk beats 8 interleaved
+// row streams (cold, 2 threads: 20.0 vs 17.0 GB/s, smollm2 lm_head); from 3 KB rows on the
+// interleaved blocks win (K=1536 bf16: 16.3 vs 14.4; K=2048: 24.0 vs 21.4).
+template <class L>
+static inline float row_dot1(const typename L::T* __restrict w, int64_t K, const float* __restrict xf) {
+  constexpr int kLine = 64, kAhead = 1024, kStepBytes = 64 * sizeof(typename L::T);
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 4
+    for (int l = 0; l < kStepBytes; l += kLine)
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kAhead + l, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      __m256 lo, hi;
+      L::load16(w + k + 16 * u, lo, hi);
+      a[2 * u] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + k + 16 * u), a[2 * u]);
+      a[2 * u + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xf + k + 16 * u + 8), a[2 * u + 1]);
+    }
+  }
+  for (; k + 16 <= K; k += 16) {
+    __m256 lo, hi;
+    L::load16(w + k, lo, hi);
+    a[0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + k), a[0]);
+    a[1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xf + k + 8), a[1]);
+  }
+  if (k < K) {  // tail: zero-filled copy, never reading past the row
+    alignas(32) typename L::T tail[16];
+    std::memset(tail, 0, sizeof(tail));
+    std::memcpy(tail, w + k, (K - k) * sizeof(typename L::T));
+    __m256 lo, hi;
+    L::load16(tail, lo, hi);
+    a[2] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + k), a[2]);
+    a[3] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xf + k + 8), a[3]);
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                                 _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
+  return hsum1(s);
+}
+
+template <class OutT>
+static inline void store_out(OutT* out, float v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    *out = v;
+  } else {
+    *out = c10::BFloat16(v);  // round to nearest even, like torch
+  }
+}
+
+// Rows [n0, n1) of the output for all M rows: blocks of R W rows, passes of up to MBMAX rows
+// of x over each block (the block stays in L1/L2 between passes, so W is read from memory once).
+template <class L, int R, int MBMAX, class OutT>
+static void small_range(const typename L::T* w, int64_t K, const float* xf, int64_t ldx, int64_t M,
+                        const float* bias, OutT* out, int64_t ldo, int64_t n0, int64_t n1) {
+  float res[MBMAX * R];
+  auto emit = [&](int RR, int mb, int64_t m0, int64_t n) {
+    for (int m = 0; m < mb; ++m)
+      for (int r = 0; r < RR; ++r) {
+        const float b = bias ? bias[n + r] : 0.f;
+        store_out(out + (m0 + m) * ldo + n + r, res[m * RR + r] + b);
+      }
+  };
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    const typename L::T* wb = w + n * K;
+    // The first pass over a block prefetches the next block when rows are short; later
+    // passes hit cache.
+    const bool pf = R * K * static_cast<int64_t>(sizeof(typename L::T)) < SLIMLM_PF_MAX_BLOCK;
+    int64_t m0 = 0;
+    for (; m0 + MBMAX <= M; m0 += MBMAX) {
+      if (m0 == 0 && pf)
+        block_dot<L, R, MBMAX, true>(wb, K, xf + m0 * ldx, ldx, res);
+      else
+        block_dot<L, R, MBMAX>(wb, K, xf + m0 * ldx, ldx, res);
+      emit(R, MBMAX, m0, n);
+    }
+    const int64_t rem = M - m0;
+    if (rem > 0) {
+      const bool first = m0 == 0 && pf;
+      if constexpr (MBMAX > 3) {
+        if (rem == 3) {
+          if (first) block_dot<L, R, 3, true>(wb, K, xf + m0 * ldx, ldx, res);
+          else block_dot<L, R, 3>(wb, K, xf + m0 * ldx, ldx, res);
+        }
+      }
+      if constexpr (MBMAX > 2) {
+        if (rem == 2) {
+          if (first) block_dot<L, R, 2, true>(wb, K, xf + m0 * ldx, ldx, res);
+          else block_dot<L, R, 2>(wb, K, xf + m0 * ldx, ldx, res);
+        }
+      }
+      if constexpr (MBMAX > 1) {
+        if (rem == 1) {
+          if (first) block_dot<L, R, 1, true>(wb, K, xf + m0 * ldx, ldx, res);
+          else block_dot<L, R, 1>(wb, K, xf + m0 * ldx, ldx, res);
+        }
+      }
+      emit(R, static_cast<int>(rem), m0, n);
+    }
+  }
+  for (; n < n1; ++n) {  // leftover rows, one at a time
+    const typename L::T* wb = w + n * K;
+    for (int64_t m0 = 0; m0 < M; ++m0) {
+      block_dot<L, 1, 1>(wb, K, xf + m0 * ldx, ldx, res);
+      emit(1, 1, m0, n);
+    }
+  }
+}
+
+// Register blocking by M (measured, single thread, K=2048, W in L3): M=1: 8 W rows per block
+// (memory bound; 8 accumulator chains, 8 row streams); M=2,3: 4 rows x up to 3 x rows; M>=4:
+// 3 rows x 4 x rows (12 accumulators, ~70 GFLOP/s per Zen 3 core for bf16 and fp32 W); M=1
+// with rows of at most kSeqRowBytes: one row at a time (row_dot1).
+constexpr int64_t kSeqRowBytes = 1536;  // M=1 rows up to this long use row_dot1
+
+template <class L, class OutT>
+static void small_dispatch(const typename L::T* w, int64_t K, const float* xf, int64_t ldx, int64_t M,
+                           const float* bias, OutT* out, int64_t ldo, int64_t n0, int64_t n1) {
+  if (M == 1 && K * static_cast<int64_t>(sizeof(typename L::T)) <= kSeqRowBytes) {
+    for (int64_t n = n0; n < n1; ++n)
+      store_out(out + n, row_dot1<L>(w + n * K, K, xf) + (bias ? bias[n] : 0.f));
+  } else if (M == 1)
+    small_range<L, 8, 1>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
+  else if (M <= 3)
+    small_range<L, 4, 3>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
+  else
+    small_range<L, 3, 4>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
+}
+
+static int rows_per_block(int64_t M) { return M == 1 ? 8 : (M <= 3 ? 4 : 3); }
+
+// x [M, K] (row stride sx, unit column stride) -> fp32 [M, Kp] zero padded; `pair_order`
+// packs each 16-block as its 8 even-index elements followed by its 8 odd-index ones.
+template <class XT>
+static void pack_x(const XT* x, int64_t sx, int64_t M, int64_t K, int64_t Kp, bool pair_order,
+                   float* dst) {
+  for (int64_t m = 0; m < M; ++m) {
+    const XT* xr = x + m * sx;
+    float* d = dst + m * Kp;
+    if (!pair_order) {
+      for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(xr[k]);
+      for (int64_t k = K; k < Kp; ++k) d[k] = 0.f;
+    } else {
+      for (int64_t b = 0; b < Kp; b += 16)
+        for (int j = 0; j < 16; ++j) {
+          const int64_t k = b + 2 * (j & 7) + (j >> 3);
+          d[b + j] = k < K ? static_cast<float>(xr[k]) : 0.f;
+        }
+    }
+  }
+}
+
+// Calls to run on the calling thread alone after a parallel call that waited long for a
+// descheduled worker (see parallel_dynamic).
+#ifndef SLIMLM_SERIAL_BACKOFF
+#define SLIMLM_SERIAL_BACKOFF 128
+#endif
+static std::atomic<int> g_serial_left{0};
+static std::atomic<int64_t> g_late_events{0};
+
+// Runs f(c) for c in [0, n) on up to get_num_threads() threads (an OpenMP team through
+// at::parallel_for) that claim items dynamically, so a thread the OS delays does not hold back a
+// fixed share of the work.
+//
+// `adaptive` (the streaming path, whose items are ~64 KB of W, a few microseconds each):
+// on oversubscribed cores (a shared machine) the team's closing barrier waits for a worker that
+// the OS has not scheduled yet or has preempted, measured at ~7 ms per call on a busy 2-core VM
+// (2-thread decode 10x slower than 1-thread). When the caller, done with its own items, waited
+// longer than both 50 us and a quarter of the call for the workers, the next
+// SLIMLM_SERIAL_BACKOFF calls run on the caller alone, then threads are tried again. On an idle
+// machine that wait is at most one item and nothing changes.
+template <class F>
+static void parallel_dynamic(int64_t n, const F& f, bool adaptive) {
+  const int64_t nt = std::min<int64_t>(n, at::get_num_threads());
+  bool serial = nt <= 1 || at::in_parallel_region();
+  if (!serial && adaptive && g_serial_left.load(std::memory_order_relaxed) > 0) {
+    g_serial_left.fetch_sub(1, std::memory_order_relaxed);
+    serial = true;
+  }
+  if (serial) {
+    for (int64_t c = 0; c < n; ++c) f(c);
+    return;
+  }
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  clock::time_point t_caller_done = t0;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(c);
+    if (t == 0) t_caller_done = clock::now();
+  });
+  if (adaptive && SLIMLM_SERIAL_BACKOFF > 0) {
+    const auto t1 = clock::now();
+    const auto wait = t1 - t_caller_done;
+    if (wait > std::chrono::microseconds(50) && wait * 4 > (t1 - t0)) {
+      g_late_events.fetch_add(1, std::memory_order_relaxed);
+      g_serial_left.store(SLIMLM_SERIAL_BACKOFF, std::memory_order_relaxed);
+    }
+  }
+}
+
+#ifndef SLIMLM_TASK_BYTES
+#define SLIMLM_TASK_BYTES 65536
+#endif
+
+static int64_t small_max(at::ScalarType wt) {
+  return wt == at::kBFloat16 ? kSmallMaxBf16 : kSmallMaxF32;
+}
+
+static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "linear: bias must have shape [", N, "]");
+  TORCH_CHECK(bias->device().is_cpu(), "linear: bias must be on the CPU");
+  return bias->to(at::kFloat).contiguous();
+}
+
+static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
+  const bool wbf16 = w.scalar_type() == at::kBFloat16;
+  const int64_t Kp = (K + 15) & ~int64_t(15);
+  // The packed x lives in a per-thread buffer reused across calls (no page faults per call).
+  static thread_local std::vector<float> xbuf;
+  if (static_cast<int64_t>(xbuf.size()) < M * Kp) xbuf.resize(M * Kp);
+  float* xf = xbuf.data();
+  if (x2.scalar_type() == at::kFloat)
+    pack_x(x2.data_ptr<float>(), x2.stride(0), M, K, Kp, wbf16, xf);
+  else
+    pack_x(x2.data_ptr<at::BFloat16>(), x2.stride(0), M, K, Kp, wbf16, xf);
+
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t R = rows_per_block(M);
+  const int64_t row_bytes = K * w.element_size();
+  // Tasks of ~64 KB of W (whole register blocks), claimed dynamically by the threads.
+  const int64_t task_rows = R * std::max<int64_t>(1, SLIMLM_TASK_BYTES / std::max<int64_t>(1, R * row_bytes));
+  const int64_t ntasks = (N + task_rows - 1) / task_rows;
+
+  auto run = [&](auto loader, auto* optr) {
+    using L = decltype(loader);
+    const auto* wp = reinterpret_cast<const typename L::T*>(w.data_ptr());
+    parallel_dynamic(ntasks, [&](int64_t t) {
+      small_dispatch<L>(wp, K, xf, Kp, M, bp, optr, N, t * task_rows, std::min(N, (t + 1) * task_rows));
+    }, /*adaptive=*/true);
+  };
+  if (out.scalar_type() == at::kFloat) {
+    if (wbf16) run(LoadBf16{}, out.data_ptr<float>());
+    else run(LoadF32{}, out.data_ptr<float>());
+  } else {
+    auto* o = reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>());
+    if (wbf16) run(LoadBf16{}, o);
+    else run(LoadF32{}, o);
+  }
+}
+
+// bf16 rows [0, rows) of w (row stride K) -> fp32 dst [rows, K].
+static void bf16_rows_to_f32(const uint16_t* w, int64_t rows, int64_t K, float* dst) {
+  const int64_t n = rows * K;  // rows are contiguous: one flat conversion
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+    const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16);
+    const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 8), hi);
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(w[i]) << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
+}
+
+// W rows per chunk at large M. MKL re-packs x for every call, so narrow chunks are slow
+// (16-64 rows: -20..-60%); 256-1024 rows match sgemm on a whole fp32 weight.
+static int64_t g_chunk_rows = 512;  // tunable for benchmarks (set_chunk_rows)
+
+// Large M, bf16 W: each thread converts chunks of its W rows to fp32 and runs sgemm on them.
+static void large_path_bf16(const at::Tensor& xf, const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  // Up to g_chunk_rows rows, and at least 2 chunks per thread for balance when N allows it.
+  int64_t ch = std::min<int64_t>(g_chunk_rows, (N + 2 * nt - 1) / (2 * nt));
+  ch = std::max<int64_t>(std::min<int64_t>(N, 128), ch);
+  const int64_t nchunks = (N + ch - 1) / ch;
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  parallel_dynamic(nchunks, [&](int64_t c) {
+    static thread_local std::vector<float> scratch;
+    if (static_cast<int64_t>(scratch.size()) < ch * K) scratch.resize(ch * K);
+    {
+      const int64_t n0 = c * ch, rows = std::min(ch, N - n0);
+      bf16_rows_to_f32(wp + n0 * K, rows, K, scratch.data());
+      at::Tensor wc = at::from_blob(scratch.data(), {rows, K}, at::TensorOptions().dtype(at::kFloat));
+      at::Tensor oc = out.narrow(1, n0, rows);
+      if (b.defined())
+        at::cpu::addmm_out(oc, b.narrow(0, n0, rows), xf, wc.t());
+      else
+        at::cpu::mm_out(oc, xf, wc.t());
+    }
+  }, /*adaptive=*/false);
+}
+
+// path: 0 = pick by M, 1 = force the streaming kernel, 2 = force the GEMM path (benchmarks/tests).
+at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t path) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2, "linear: weight must be 2-D [N, K]");
+  const auto xt = x.scalar_type(), wt = weight.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16, "linear: x must be float32 or bfloat16, got ", xt);
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16, "linear: weight must be float32 or bfloat16, got ", wt);
+  TORCH_CHECK(x.dim() >= 1, "linear: x must have at least one dimension");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "linear: x has ", x.size(-1), " features, weight expects ", K);
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(N);
+  at::Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
+  at::Tensor x2 = x.reshape({-1, K});  // a view whenever possible (row-strided slices stay views)
+  if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor b = bias_f32(bias, N);
+
+  if (M == 0 || N == 0 || K == 0) {
+    at::Tensor out = b.defined() ? b.expand({M, N}).to(xt) : at::zeros({M, N}, x.options());
+    return out.reshape(out_shape);
+  }
+
+  if (path == 1 || (path == 0 && M <= small_max(wt))) {
+    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    small_path(x2, w, b, out);
+    return out.view(out_shape);
+  }
+
+#if defined(__AMX_BF16__) || defined(__AVX512BF16__)
+  // Native bf16 GEMM hardware: oneDNN's bf16 path beats converting to fp32.
+  if (xt == at::kBFloat16 && wt == at::kBFloat16) {
+    return at::linear(x2, w, b.defined() ? c10::optional<at::Tensor>(b.to(at::kBFloat16)) : c10::nullopt)
+        .view(out_shape);
+  }
+#endif
+
+  at::Tensor xf = xt == at::kFloat ? x2 : x2.to(at::kFloat);
+  at::Tensor out;
+  if (wt == at::kFloat) {
+    out = b.defined() ? at::addmm(b, xf, w.t()) : at::mm(xf, w.t());
+  } else {
+    out = at::empty({M, N}, xf.options().memory_format(at::MemoryFormat::Contiguous));
+    large_path_bf16(xf, w, b, out);
+  }
+  if (xt != at::kFloat) out = out.to(xt);
+  return out.view(out_shape);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return linear_path(x, weight, bias, 0);
+}
+
+// Benchmark helpers (not part of the op's contract).
+
+// Read-bandwidth reference: reads the tensor's first nbytes rounded down to 32 KB (the count is
+// returned) as blocks of 8 interleaved 4 KB streams on all intra-op threads. This pattern
+// measured faster than one sequential stream per thread (2 threads: 26.4 vs 23.6 GB/s).
+int64_t read_probe(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "read_probe: contiguous CPU tensor");
+  const auto* p = reinterpret_cast<const uint8_t*>(t.data_ptr());
+  const int64_t nblk = static_cast<int64_t>(t.nbytes()) / (8 * 4096);
+  std::atomic<int64_t> sink{0};
+  at::parallel_for(0, nblk, 4, [&](int64_t b0, int64_t b1) {
+    __m256i a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* base = p + b * 8 * 4096;
+      for (int64_t o = 0; o < 4096; o += 32)
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r)
+          a[r] = _mm256_xor_si256(a[r], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + r * 4096 + o)));
+    }
+    for (int i = 1; i < 8; ++i) a[0] = _mm256_xor_si256(a[0], a[i]);
+    sink.fetch_add(_mm256_extract_epi32(a[0], 3) & 1, std::memory_order_relaxed);
+  });
+  return nblk * 8 * 4096 + (sink.load() & 0);
+}
+
+void set_chunk_rows(int64_t r) { g_chunk_rows = std::max<int64_t>(1, r); }
+
+py::dict config() {
+  py::dict d;
+  d["small_max_bf16"] = kSmallMaxBf16;
+  d["small_max_f32"] = kSmallMaxF32;
+  d["chunk_rows"] = g_chunk_rows;
+  d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
+  d["late_helper_events"] = g_late_events.load();
+#if defined(__AMX_BF16__) || defined(__AVX512BF16__)
+  d["native_bf16_gemm"] = true;
+#else
+  d["native_bf16_gemm"] = false;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "y = x @ W.T + b (x fp32/bf16, W bf16/fp32, fp32 math, output in x's dtype)",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("linear_path", &linear_path, "linear with a forced path: 0 auto, 1 streaming kernel, 2 GEMM",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("path"));
+  m.def("read_probe", &read_probe, "benchmark helper: read a contiguous tensor with all threads, returns bytes read");
+  m.def("set_chunk_rows", &set_chunk_rows, "benchmark helper: W rows per chunk on the GEMM path");
+  m.def("config", &config, "compile-time constants of this build");
+}

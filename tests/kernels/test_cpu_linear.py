@@ -1,0 +1,167 @@
+"""slimlm.kernels.cpu_linear against a float64 reference built from the same (rounded) values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimlm.kernels import cpu_linear
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="needs an x86-64 CPU with AVX2 and FMA")
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return cpu_linear.load()
+
+
+def _reference(x, w, b):
+    """float64 x @ w.T + b from the exact values the kernel sees."""
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    return y
+
+
+def _check(y, x, w, b):
+    ref = _reference(x, w, b)
+    assert y.dtype == x.dtype
+    assert y.shape == (*x.shape[:-1], w.shape[0])
+    assert torch.isfinite(y).all()
+    # fp32 accumulation over K products: error grows ~ sqrt(K) * eps * sum|x*w| at worst K * eps.
+    scale = x.double().abs() @ w.double().abs().T
+    if b is not None:
+        scale = scale + b.double().abs()
+    K = x.shape[-1]
+    tol = 4 * (K**0.5) * 2**-24 * scale + 1e-30
+    if x.dtype == torch.bfloat16:  # one final rounding to bf16 (half an ulp: 2^-9 relative)
+        tol = tol + 2**-8 * ref.abs()
+    err = (y.double() - ref).abs()
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} wrong, max err {err.max().item():.3g}"
+
+
+CASES = [
+    # (M, K, N)
+    (1, 100, 33),
+    (1, 577, 31),
+    (1, 576, 1728),
+    (1, 1000, 37),  # bf16 rows > 1536 B: the 8-row blocked walk at M=1, with a K tail
+    (2, 1000, 13),
+    (3, 577, 65),
+    (3, 16, 7),
+    (2, 7, 5),
+    (8, 100, 129),
+    (8, 2048, 37),
+    (17, 577, 33),
+    (64, 100, 257),
+    (300, 577, 65),
+    (300, 64, 1001),
+]
+
+
+@pytest.mark.parametrize("M,K,N", CASES)
+@pytest.mark.parametrize("wdt", [torch.bfloat16, torch.float32], ids=["wbf16", "wf32"])
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32], ids=["xbf16", "xf32"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_matches_float64(mod, M, K, N, wdt, xdt, with_bias):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K, generator=g).to(xdt)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(wdt)
+    b = torch.randn(N, generator=g).to(wdt) if with_bias else None
+    _check(mod.linear(x, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("path", [1, 2], ids=["stream", "gemm"])
+@pytest.mark.parametrize("M", [1, 3, 8, 17, 64])
+@pytest.mark.parametrize("wdt", [torch.bfloat16, torch.float32], ids=["wbf16", "wf32"])
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32], ids=["xbf16", "xf32"])
+def test_both_paths_every_m(mod, path, M, wdt, xdt):
+    """Each path is correct on its own, whatever M the dispatcher would send it."""
+    g = torch.Generator().manual_seed(7 * M + path)
+    K, N = 203, 45  # K % 16 = 11, N % 8 = 5, N % 3 = 0, N % 4 = 1
+    x = torch.randn(M, K, generator=g).to(xdt)
+    w = torch.randn(N, K, generator=g).to(wdt)
+    b = torch.randn(N, generator=g)
+    _check(mod.linear_path(x, w, b, path), x, w, b)
+    _check(mod.linear_path(x, w, None, path), x, w, None)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 17, 300])
+@pytest.mark.parametrize("wdt", [torch.bfloat16, torch.float32], ids=["wbf16", "wf32"])
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32], ids=["xbf16", "xf32"])
+def test_strided_x_view(mod, M, wdt, xdt):
+    """x as a column slice of a wider tensor (row stride != K), as fused qkv outputs are."""
+    g = torch.Generator().manual_seed(M)
+    K, N = 577, 19
+    wide = torch.randn(M, 3 * K + 5, generator=g).to(xdt)
+    x = wide[:, K + 3 : 2 * K + 3]
+    assert x.stride(0) == 3 * K + 5 and x.storage_offset() == K + 3
+    w = torch.randn(N, K, generator=g).to(wdt)
+    b = torch.randn(N, generator=g)
+    _check(mod.linear(x, w, b), x, w, b)
+
+
+def test_leading_dims_and_1d(mod):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(11, 40, generator=g).bfloat16()
+    x3 = torch.randn(2, 5, 40, generator=g)
+    y3 = mod.linear(x3, w, None)
+    assert y3.shape == (2, 5, 11)
+    _check(y3.reshape(10, 11), x3.reshape(10, 40), w, None)
+    x1 = torch.randn(40, generator=g)
+    y1 = mod.linear(x1, w, None)
+    assert y1.shape == (11,)
+    _check(y1[None], x1[None], w, None)
+    # a transposed (non unit last-dim stride) x is copied, not misread
+    xt = torch.randn(40, 6, generator=g).T
+    _check(mod.linear(xt, w, None), xt, w, None)
+
+
+def test_tail_never_reads_past_the_weights(mod):
+    """NaN right after the last row of W (K % 16 != 0) must not leak into the result."""
+    for K in (37, 7):
+        N = 9
+        for wdt in (torch.bfloat16, torch.float32):
+            buf = torch.full((N * K + 64,), float("nan"), dtype=wdt)
+            buf[: N * K] = torch.randn(N * K).to(wdt)
+            w = buf[: N * K].view(N, K)
+            assert w.is_contiguous()
+            for M in (1, 2, 5, 40):
+                x = torch.randn(M, K)
+                _check(mod.linear(x, w, None), x, w, None)
+
+
+def test_agrees_with_torch_linear(mod):
+    """Same answer as F.linear on fp32 (both fp32-accumulated)."""
+    g = torch.Generator().manual_seed(11)
+    for M in (1, 4, 16, 33, 128):
+        x = torch.randn(M, 576, generator=g)
+        w = torch.randn(1728, 576, generator=g) / 24
+        b = torch.randn(1728, generator=g)
+        torch.testing.assert_close(mod.linear(x, w, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_bad_input(mod):
+    w = torch.randn(4, 8)
+    with pytest.raises(RuntimeError):
+        mod.linear(torch.randn(2, 7), w, None)
+    with pytest.raises(RuntimeError):
+        mod.linear(torch.randn(2, 8, dtype=torch.float64), w, None)
+    with pytest.raises(RuntimeError):
+        mod.linear(torch.randn(2, 8), w, torch.randn(5))
+
+
+def test_empty_m(mod):
+    w = torch.randn(4, 8).bfloat16()
+    y = mod.linear(torch.randn(0, 8), w, None)
+    assert y.shape == (0, 4)
+
+
+def test_cache_key_covers_cpu_flags():
+    """A different CPU (flags line) must map to a different build directory."""
+    flags = cpu_linear.cpu_flags()
+    assert cpu_linear.build_key(flags) != cpu_linear.build_key(flags + " avx512f")
+    assert cpu_linear.build_key(flags) != cpu_linear.build_key(flags, {"SLIMLM_SMALL_MAX_BF16": 3})
+    name = cpu_linear.load().__name__
+    assert cpu_linear.build_key(flags) in name, (cpu_linear.build_key(flags), name)
