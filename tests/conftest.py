@@ -16,6 +16,16 @@ TINY = dict(
     rms_norm_eps=1e-5,
 )
 
+# Overrides that shrink a published shape (new_model) to a test-sized model of the same architecture.
+SMALL_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
+
 # name -> (model_type, overrides): together they cover GQA, MQA, MHA, tied/untied embeddings, llama3 rope
 # scaling, q/k/v bias, q/k norms, a sliding window shorter than the prompts and head_dim != hidden/heads.
 ARCHS = {

@@ -8,15 +8,7 @@ import pytest
 
 from slimlm.cli import main
 from slimlm.model.new_model import new_model
-
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-)
+from tests.conftest import SMALL_SHAPE
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +18,12 @@ def tiny(tmp_path_factory):
     tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
     path = tmp_path_factory.mktemp("cli") / "tiny"
     new_model(
-        "smollm2-135m", path, num_layers=2, dtype="float32", tokenizer=tok, overrides={**SMALL, "vocab_size": len(tok)}
+        "smollm2-135m",
+        path,
+        num_layers=2,
+        dtype="float32",
+        tokenizer=tok,
+        overrides={**SMALL_SHAPE, "vocab_size": len(tok)},
     )
     return path
 

@@ -7,6 +7,7 @@ import pytest
 from slimlm import LLM, SamplingParams
 from slimlm.data.tokenizer import train_tokenizer
 from slimlm.model.new_model import new_model
+from tests.conftest import SMALL_SHAPE
 
 TEXT = (
     "def add(a, b):\n    return a + b\n\nclass Café:\n    '''Ünïcödé 日本語 текст 🙂🚀'''\n"
@@ -18,15 +19,7 @@ TEXT = (
 def llm(tmp_path_factory):
     tok = train_tokenizer([TEXT * 20], vocab_size=320)
     path = tmp_path_factory.mktemp("text") / "model"
-    overrides = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=len(tok),
-        max_position_embeddings=512,
-    )
+    overrides = {**SMALL_SHAPE, "vocab_size": len(tok)}
     new_model("smollm2-135m", path, num_layers=2, seed=3, dtype="float32", overrides=overrides, tokenizer=tok)
     return LLM(str(path), dtype="float32", max_model_len=512, num_kv_blocks=64)
 
