@@ -5,18 +5,22 @@ Imports are lazy so that ``import slimlm.train`` stays cheap (no transformers, n
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __all__ = ["PRESETS", "NextTokenLoss", "Objective", "TrainConfig", "Trainer", "lr_at"]
 
+_MODULE_OF = {
+    "PRESETS": "slimlm.train.config",
+    "TrainConfig": "slimlm.train.config",
+    "NextTokenLoss": "slimlm.train.objectives",
+    "Objective": "slimlm.train.objectives",
+    "Trainer": "slimlm.train.trainer",
+    "lr_at": "slimlm.train.schedule",
+}
+
 
 def __getattr__(name: str) -> Any:
-    if name == "lr_at":
-        from slimlm.train.schedule import lr_at
-
-        return lr_at
-    if name in __all__:
-        from slimlm.train import trainer
-
-        return getattr(trainer, name)
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(_MODULE_OF[name]), name)
     raise AttributeError(f"module 'slimlm.train' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """``slimlm train``: train a small Llama-architecture model on the stdlib corpus (or any text).
 
-Every :class:`~slimlm.train.trainer.TrainConfig` field is a flag (``--hidden-size``, ``--lr``, ...) on
+Every :class:`~slimlm.train.config.TrainConfig` field is a flag (``--hidden-size``, ``--lr``, ...) on
 top of a ``--preset``; ``--resume`` continues the run in ``--out`` from its checkpoint (its saved
 config is the base then, so only the flags given change: time limit, step budget, ...).
 """
@@ -14,7 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from slimlm.train.trainer import CONFIG_NAME, PRESETS, TrainConfig, Trainer
+from slimlm.train.config import CONFIG_NAME, PRESETS, TrainConfig
+from slimlm.train.trainer import Trainer
 
 __all__ = ["register", "cmd_train", "config_from_args"]
 

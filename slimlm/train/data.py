@@ -32,6 +32,7 @@ __all__ = [
     "Batch",
     "documents",
     "eval_windows",
+    "load_tokenizer",
     "load_tokens",
     "sample_batch",
     "tokenizer_fingerprint",
@@ -59,6 +60,17 @@ class Batch:
 
     def split(self, size: int) -> list[Batch]:
         return [Batch(i, lab) for i, lab in zip(self.input_ids.split(size), self.labels.split(size), strict=True)]
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    """The tokenizer in directory ``path``, or the built-in one of ``vocab_size`` tokens when ``path`` is empty."""
+    if path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    from slimlm.data.tokenizer import default_tokenizer
+
+    return default_tokenizer(vocab_size)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

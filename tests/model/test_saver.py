@@ -15,7 +15,7 @@ from slimlm.model.causal_lm import CausalLM
 from slimlm.model.config import ModelConfig
 from slimlm.model.loader import load_config, load_model
 from slimlm.model.saver import hf_config_dict, save_pretrained
-from slimlm.train.trainer import init_weights
+from slimlm.train.weight_init import init_weights
 from tests.conftest import ARCHS
 
 BASE = {

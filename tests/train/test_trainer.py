@@ -13,9 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.model.loader import load_model
 from slimlm.train import data
+from slimlm.train.checkpoint import CHECKPOINT_NAME
 from slimlm.train.cli import config_from_args, register
+from slimlm.train.config import PRESETS, TrainConfig
+from slimlm.train.metrics import count_parameters
 from slimlm.train.schedule import lr_at
-from slimlm.train.trainer import CHECKPOINT_NAME, PRESETS, TrainConfig, Trainer, count_parameters
+from slimlm.train.trainer import Trainer
 
 # One thread: on a shared 2-core machine, two OpenMP threads slow down many times when another
 # process takes a core. The fixture below restores the thread count (Trainer sets it process-wide).

@@ -1,0 +1,1 @@
+"""Process-level helpers shared by training and inference (no model code)."""
