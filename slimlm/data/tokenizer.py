@@ -108,9 +108,7 @@ def train_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < _MIN_VOCAB:
-        raise ValueError(
-            f"vocab_size must be at least {_MIN_VOCAB} (256 bytes + 6 specials), got {vocab_size}"
-        )
+        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} (256 bytes + 6 specials), got {vocab_size}")
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

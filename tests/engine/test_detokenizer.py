@@ -37,9 +37,7 @@ def tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", clean_up_tokenization_spaces=False
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", clean_up_tokenization_spaces=False)
 
 
 def incremental(tokenizer, ids, skip=True, chunks=1, seed=0):

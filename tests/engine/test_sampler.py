@@ -307,9 +307,7 @@ def test_top_k_top_p_matches_sort_reference(first_k, with_big_k):
     apply_top_k_top_p(x, torch.tensor(ks), torch.tensor(ps), first_k=first_k)
     for i in range(B):
         ref = _reference_top_k_top_p(logits[i], ks[i], ps[i])
-        assert torch.equal(torch.isfinite(x[i]), ref), (
-            f"row {i}: {int(ref.sum())} vs {int(torch.isfinite(x[i]).sum())}"
-        )
+        assert torch.equal(torch.isfinite(x[i]), ref), f"row {i}: {int(ref.sum())} vs {int(torch.isfinite(x[i]).sum())}"
         assert torch.equal(x[i][ref], logits[i][ref])  # kept logits unchanged
     assert int(torch.isfinite(x[0]).sum()) > 700  # the nucleus is far wider than the first window
     # only top-p rows, all of them: the no-subset path

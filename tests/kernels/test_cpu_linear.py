@@ -46,8 +46,10 @@ CASES = [
     (1, 100, 33),
     (1, 577, 31),
     (1, 576, 1728),
-    (1, 1000, 37),  # bf16 rows > 1536 B: the 8-row blocked walk at M=1, with a K tail
+    (1, 1000, 37),
     (2, 1000, 13),
+    (1, 577, 1001),  # several tasks of many strided row runs, a short last task with leftover rows
+    (5, 577, 1001),
     (3, 577, 65),
     (3, 16, 7),
     (2, 7, 5),
@@ -55,6 +57,7 @@ CASES = [
     (8, 2048, 37),
     (17, 577, 33),
     (64, 100, 257),
+    (150, 1100, 67),  # bf16 W: GEMM path; fp32 W: streaming kernel with many passes over M
     (300, 577, 65),
     (300, 64, 1001),
 ]

@@ -42,17 +42,30 @@
 
 namespace {
 
-// Largest M served by the streaming kernel (above it: convert-chunks + sgemm). Measured on a
-// 2-core Zen 3 VM (AVX2, 2 threads): bf16 W streaming >= GEMM path up to M=40 and equal at 48;
-// fp32 W streaming beats MKL sgemm up to M=32, about equal at 64-96, loses at 128.
-#ifndef SLIMLM_SMALL_MAX_BF16
-#define SLIMLM_SMALL_MAX_BF16 40
+// Largest M served by the streaming kernel (above it: convert-chunks + sgemm), by W dtype and
+// K. Measured on a 2-core Zen 3 VM (AVX2, 2 threads, cold W, p10 of interleaved runs):
+//   bf16 W: K=576 streaming = GEMM path at M=48, GEMM ahead at 64; K=2048 streaming ahead at 96,
+//           behind at 128; K=5632 equal at 128, behind at 192.
+//   fp32 W (GEMM path = MKL sgemm): K=576 equal at 128-192, MKL ahead at 256; K=2048 streaming
+//           ahead at 192, behind at 256.
+#ifndef SLIMLM_SMALL_MAX_BF16_SHORT_K
+#define SLIMLM_SMALL_MAX_BF16_SHORT_K 48
 #endif
-#ifndef SLIMLM_SMALL_MAX_F32
-#define SLIMLM_SMALL_MAX_F32 32
+#ifndef SLIMLM_SMALL_MAX_BF16_LONG_K
+#define SLIMLM_SMALL_MAX_BF16_LONG_K 112
 #endif
-constexpr int64_t kSmallMaxBf16 = SLIMLM_SMALL_MAX_BF16;
-constexpr int64_t kSmallMaxF32 = SLIMLM_SMALL_MAX_F32;
+#ifndef SLIMLM_SMALL_MAX_F32_SHORT_K
+#define SLIMLM_SMALL_MAX_F32_SHORT_K 128
+#endif
+#ifndef SLIMLM_SMALL_MAX_F32_LONG_K
+#define SLIMLM_SMALL_MAX_F32_LONG_K 192
+#endif
+constexpr int64_t kLongK = 1024;  // "long K" from here on
+
+static int64_t small_max(at::ScalarType wt, int64_t K) {
+  if (wt == at::kBFloat16) return K < kLongK ? SLIMLM_SMALL_MAX_BF16_SHORT_K : SLIMLM_SMALL_MAX_BF16_LONG_K;
+  return K < kLongK ? SLIMLM_SMALL_MAX_F32_SHORT_K : SLIMLM_SMALL_MAX_F32_LONG_K;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Loading 16 K-elements of one W row as two fp32 vectors (lo, hi).
@@ -90,23 +103,12 @@ static inline float hsum1(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// R rows of W (w, row stride K) x MB rows of packed x (xf, row stride ldx, zero padded to a
+// R rows of W (row r at w + r * rs) x MB rows of packed x (xf, row stride ldx, zero padded to a
 // multiple of 16) -> res[m * R + r]. When there are few accumulators, even and odd halves get
 // separate accumulators so that enough independent FMA chains are in flight.
-//
-// PF: software-prefetch the same offset of the next block of R rows (used on the first pass
-// over blocks of at most SLIMLM_PF_MAX_BLOCK bytes). Short rows (K=576: 1152 B) are too short for
-// the hardware stream prefetcher to ramp up (cold, 2 threads: 14.9 -> 17.8 GB/s on the smollm2
-// lm_head); for long rows it only pollutes L1 (K=2048 bf16, W in L3: 50 -> 25 GB/s).
-#ifndef SLIMLM_PF
-#define SLIMLM_PF 1
-#endif
-#ifndef SLIMLM_PF_MAX_BLOCK
-#define SLIMLM_PF_MAX_BLOCK 16384
-#endif
-template <class L, int R, int MB, bool PF = false>
-static inline void block_dot(const typename L::T* __restrict w, int64_t K, const float* __restrict xf,
-                             int64_t ldx, float* __restrict res) {
+template <class L, int R, int MB>
+static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64_t rs,
+                             const float* __restrict xf, int64_t ldx, float* __restrict res) {
   constexpr bool kSplit = R * MB < 8;
   constexpr int A = kSplit ? 2 : 1;
   __m256 acc[MB][R][A];
@@ -118,12 +120,9 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, const
       for (int a = 0; a < A; ++a) acc[m][r][a] = _mm256_setzero_ps();
 
   const int64_t K16 = K & ~int64_t(15);
-  auto step = [&](const typename L::T* const* rows, int64_t k, int64_t xk, bool prefetch) {
+  auto step = [&](const typename L::T* const* rows, int64_t k, int64_t xk) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      if constexpr (PF && SLIMLM_PF) {
-        if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * K + k), _MM_HINT_T0);
-      }
       __m256 lo, hi;
       L::load16(rows[r] + k, lo, hi);
 #pragma GCC unroll 16
@@ -136,8 +135,8 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, const
   };
   const typename L::T* rows[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) rows[r] = w + r * K;
-  for (int64_t k = 0; k < K16; k += 16) step(rows, k, k, true);
+  for (int r = 0; r < R; ++r) rows[r] = w + r * rs;
+  for (int64_t k = 0; k < K16; k += 16) step(rows, k, k);
   if (K16 < K) {
     // Tail: copy the last K % 16 elements of each row into zeroed buffers (never read past
     // the row: the next row may hold Inf/NaN and the last row ends the allocation).
@@ -149,7 +148,7 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, const
       std::memcpy(tail[r], rows[r] + K16, (K - K16) * sizeof(typename L::T));
       trows[r] = tail[r];
     }
-    step(trows, 0, K16, false);
+    step(trows, 0, K16);
   }
   if constexpr (kSplit) {
 #pragma GCC unroll 16
@@ -159,56 +158,15 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, const
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) {
-    if constexpr (R == 4) {
-      _mm_storeu_ps(res + m * R, hsum4(acc[m][0][0], acc[m][1][0], acc[m][2][0], acc[m][3][0]));
+    if constexpr (R % 4 == 0) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; r += 4)
+        _mm_storeu_ps(res + m * R + r, hsum4(acc[m][r][0], acc[m][r + 1][0], acc[m][r + 2][0], acc[m][r + 3][0]));
     } else {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) res[m * R + r] = hsum1(acc[m][r][0]);
     }
   }
-}
-
-// One W row against one packed x row, front to back, 8 accumulators, software prefetch 1 KB
-// ahead. At M=1 with short rows (bf16 K=576: 1152 B) this sequential walk beats 8 interleaved
-// row streams (cold, 2 threads: 20.0 vs 17.0 GB/s, smollm2 lm_head); from 3 KB rows on the
-// interleaved blocks win (K=1536 bf16: 16.3 vs 14.4; K=2048: 24.0 vs 21.4).
-template <class L>
-static inline float row_dot1(const typename L::T* __restrict w, int64_t K, const float* __restrict xf) {
-  constexpr int kLine = 64, kAhead = 1024, kStepBytes = 64 * sizeof(typename L::T);
-  __m256 a[8];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-#pragma GCC unroll 4
-    for (int l = 0; l < kStepBytes; l += kLine)
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kAhead + l, _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {
-      __m256 lo, hi;
-      L::load16(w + k + 16 * u, lo, hi);
-      a[2 * u] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + k + 16 * u), a[2 * u]);
-      a[2 * u + 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xf + k + 16 * u + 8), a[2 * u + 1]);
-    }
-  }
-  for (; k + 16 <= K; k += 16) {
-    __m256 lo, hi;
-    L::load16(w + k, lo, hi);
-    a[0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + k), a[0]);
-    a[1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xf + k + 8), a[1]);
-  }
-  if (k < K) {  // tail: zero-filled copy, never reading past the row
-    alignas(32) typename L::T tail[16];
-    std::memset(tail, 0, sizeof(tail));
-    std::memcpy(tail, w + k, (K - k) * sizeof(typename L::T));
-    __m256 lo, hi;
-    L::load16(tail, lo, hi);
-    a[2] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + k), a[2]);
-    a[3] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xf + k + 8), a[3]);
-  }
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
-                                 _mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
-  return hsum1(s);
 }
 
 template <class OutT>
@@ -220,79 +178,64 @@ static inline void store_out(OutT* out, float v) {
   }
 }
 
-// Rows [n0, n1) of the output for all M rows: blocks of R W rows, passes of up to MBMAX rows
-// of x over each block (the block stays in L1/L2 between passes, so W is read from memory once).
+// Rows [n0, n1) of the output for all M rows. The R rows of a register block are R separate
+// streams through memory: with J = (n1 - n0) / R, block j takes rows n0 + j + r * J, so stream r
+// walks rows n0 + r * J .. n0 + r * J + J - 1, i.e. one long contiguous run of J rows. Passes of up
+// to MBMAX rows of x reuse each block from L1/L2, so W is read from memory once.
+// Measured (cold W, 2 threads, M=1): 8 runs of ~32 KB beat 8 adjacent rows per block (rows only
+// 1-4 KB long, too short for the hardware prefetcher) by 10-45% for bf16: smollm2 lm_head
+// 19.2 -> 28.9 GB/s, tinyllama gate_up 20.2 -> 26.8 GB/s, and by 0-10% for fp32.
 template <class L, int R, int MBMAX, class OutT>
 static void small_range(const typename L::T* w, int64_t K, const float* xf, int64_t ldx, int64_t M,
                         const float* bias, OutT* out, int64_t ldo, int64_t n0, int64_t n1) {
   float res[MBMAX * R];
-  auto emit = [&](int RR, int mb, int64_t m0, int64_t n) {
+  // Results for x rows m0.. (mb of them) and W rows n, n + stride, ... (RR of them).
+  auto emit = [&](int RR, int mb, int64_t m0, int64_t n, int64_t stride) {
     for (int m = 0; m < mb; ++m)
       for (int r = 0; r < RR; ++r) {
-        const float b = bias ? bias[n + r] : 0.f;
-        store_out(out + (m0 + m) * ldo + n + r, res[m * RR + r] + b);
+        const int64_t nn = n + r * stride;
+        store_out(out + (m0 + m) * ldo + nn, res[m * RR + r] + (bias ? bias[nn] : 0.f));
       }
   };
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    const typename L::T* wb = w + n * K;
-    // The first pass over a block prefetches the next block when rows are short; later
-    // passes hit cache.
-    const bool pf = R * K * static_cast<int64_t>(sizeof(typename L::T)) < SLIMLM_PF_MAX_BLOCK;
+  const int64_t J = (n1 - n0) / R;
+  for (int64_t j = 0; j < J; ++j) {
+    const typename L::T* wb = w + (n0 + j) * K;
+    const int64_t rs = J * K;
     int64_t m0 = 0;
     for (; m0 + MBMAX <= M; m0 += MBMAX) {
-      if (m0 == 0 && pf)
-        block_dot<L, R, MBMAX, true>(wb, K, xf + m0 * ldx, ldx, res);
-      else
-        block_dot<L, R, MBMAX>(wb, K, xf + m0 * ldx, ldx, res);
-      emit(R, MBMAX, m0, n);
+      block_dot<L, R, MBMAX>(wb, K, rs, xf + m0 * ldx, ldx, res);
+      emit(R, MBMAX, m0, n0 + j, J);
     }
     const int64_t rem = M - m0;
     if (rem > 0) {
-      const bool first = m0 == 0 && pf;
       if constexpr (MBMAX > 3) {
-        if (rem == 3) {
-          if (first) block_dot<L, R, 3, true>(wb, K, xf + m0 * ldx, ldx, res);
-          else block_dot<L, R, 3>(wb, K, xf + m0 * ldx, ldx, res);
-        }
+        if (rem == 3) block_dot<L, R, 3>(wb, K, rs, xf + m0 * ldx, ldx, res);
       }
       if constexpr (MBMAX > 2) {
-        if (rem == 2) {
-          if (first) block_dot<L, R, 2, true>(wb, K, xf + m0 * ldx, ldx, res);
-          else block_dot<L, R, 2>(wb, K, xf + m0 * ldx, ldx, res);
-        }
+        if (rem == 2) block_dot<L, R, 2>(wb, K, rs, xf + m0 * ldx, ldx, res);
       }
       if constexpr (MBMAX > 1) {
-        if (rem == 1) {
-          if (first) block_dot<L, R, 1, true>(wb, K, xf + m0 * ldx, ldx, res);
-          else block_dot<L, R, 1>(wb, K, xf + m0 * ldx, ldx, res);
-        }
+        if (rem == 1) block_dot<L, R, 1>(wb, K, rs, xf + m0 * ldx, ldx, res);
       }
-      emit(R, static_cast<int>(rem), m0, n);
+      emit(R, static_cast<int>(rem), m0, n0 + j, J);
     }
   }
-  for (; n < n1; ++n) {  // leftover rows, one at a time
+  for (int64_t n = n0 + R * J; n < n1; ++n) {  // leftover rows, one at a time
     const typename L::T* wb = w + n * K;
     for (int64_t m0 = 0; m0 < M; ++m0) {
-      block_dot<L, 1, 1>(wb, K, xf + m0 * ldx, ldx, res);
-      emit(1, 1, m0, n);
+      block_dot<L, 1, 1>(wb, K, K, xf + m0 * ldx, ldx, res);
+      emit(1, 1, m0, n, 0);
     }
   }
 }
 
 // Register blocking by M (measured, single thread, K=2048, W in L3): M=1: 8 W rows per block
 // (memory bound; 8 accumulator chains, 8 row streams); M=2,3: 4 rows x up to 3 x rows; M>=4:
-// 3 rows x 4 x rows (12 accumulators, ~70 GFLOP/s per Zen 3 core for bf16 and fp32 W); M=1
-// with rows of at most kSeqRowBytes: one row at a time (row_dot1).
-constexpr int64_t kSeqRowBytes = 1536;  // M=1 rows up to this long use row_dot1
-
+// 3 rows x 4 x rows (12 accumulators, ~70 GFLOP/s per Zen 3 core for bf16 and fp32 W).
 template <class L, class OutT>
 static void small_dispatch(const typename L::T* w, int64_t K, const float* xf, int64_t ldx, int64_t M,
                            const float* bias, OutT* out, int64_t ldo, int64_t n0, int64_t n1) {
-  if (M == 1 && K * static_cast<int64_t>(sizeof(typename L::T)) <= kSeqRowBytes) {
-    for (int64_t n = n0; n < n1; ++n)
-      store_out(out + n, row_dot1<L>(w + n * K, K, xf) + (bias ? bias[n] : 0.f));
-  } else if (M == 1)
+  if (M == 1)
     small_range<L, 8, 1>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
   else if (M <= 3)
     small_range<L, 4, 3>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
@@ -302,14 +245,14 @@ static void small_dispatch(const typename L::T* w, int64_t K, const float* xf, i
 
 static int rows_per_block(int64_t M) { return M == 1 ? 8 : (M <= 3 ? 4 : 3); }
 
-// x [M, K] (row stride sx, unit column stride) -> fp32 [M, Kp] zero padded; `pair_order`
+// x [M, K] (row stride sx, unit column stride) -> fp32 [M, Kp] (row stride ldx) zero padded; `pair_order`
 // packs each 16-block as its 8 even-index elements followed by its 8 odd-index ones.
 template <class XT>
-static void pack_x(const XT* x, int64_t sx, int64_t M, int64_t K, int64_t Kp, bool pair_order,
+static void pack_x(const XT* x, int64_t sx, int64_t M, int64_t K, int64_t Kp, int64_t ldx, bool pair_order,
                    float* dst) {
   for (int64_t m = 0; m < M; ++m) {
     const XT* xr = x + m * sx;
-    float* d = dst + m * Kp;
+    float* d = dst + m * ldx;
     if (!pair_order) {
       for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(xr[k]);
       for (int64_t k = K; k < Kp; ++k) d[k] = 0.f;
@@ -372,13 +315,12 @@ static void parallel_dynamic(int64_t n, const F& f, bool adaptive) {
   }
 }
 
+// Bytes of W per task of the streaming path: up to 256 KB at M <= 4 (long runs per stream: 256 KB
+// beat 128 KB by 0-10% and 64 KB by more), 1 MB / M above, but at least 2 tasks per thread, and
+// no task under 32 KB.
 #ifndef SLIMLM_TASK_BYTES
-#define SLIMLM_TASK_BYTES 65536
+#define SLIMLM_TASK_BYTES 262144
 #endif
-
-static int64_t small_max(at::ScalarType wt) {
-  return wt == at::kBFloat16 ? kSmallMaxBf16 : kSmallMaxF32;
-}
 
 static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
@@ -391,27 +333,34 @@ static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tens
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const bool wbf16 = w.scalar_type() == at::kBFloat16;
   const int64_t Kp = (K + 15) & ~int64_t(15);
-  // The packed x lives in a per-thread buffer reused across calls (no page faults per call).
+  const int64_t ldx = Kp;
+  // The packed x lives in a per-thread buffer reused across calls (no page faults per call),
+  // 64-byte aligned: unaligned x rows (malloc gives 16) make half the 32-byte x loads straddle
+  // cache lines, measured 20-35% slower at M=2..16.
   static thread_local std::vector<float> xbuf;
-  if (static_cast<int64_t>(xbuf.size()) < M * Kp) xbuf.resize(M * Kp);
-  float* xf = xbuf.data();
+  if (static_cast<int64_t>(xbuf.size()) < M * ldx + 16) xbuf.resize(M * ldx + 16);
+  float* xf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xbuf.data()) + 63) & ~uintptr_t(63));
   if (x2.scalar_type() == at::kFloat)
-    pack_x(x2.data_ptr<float>(), x2.stride(0), M, K, Kp, wbf16, xf);
+    pack_x(x2.data_ptr<float>(), x2.stride(0), M, K, Kp, ldx, wbf16, xf);
   else
-    pack_x(x2.data_ptr<at::BFloat16>(), x2.stride(0), M, K, Kp, wbf16, xf);
+    pack_x(x2.data_ptr<at::BFloat16>(), x2.stride(0), M, K, Kp, ldx, wbf16, xf);
 
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const int64_t R = rows_per_block(M);
   const int64_t row_bytes = K * w.element_size();
-  // Tasks of ~64 KB of W (whole register blocks), claimed dynamically by the threads.
-  const int64_t task_rows = R * std::max<int64_t>(1, SLIMLM_TASK_BYTES / std::max<int64_t>(1, R * row_bytes));
+  // Tasks of whole register blocks, claimed dynamically by the threads.
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  // Larger M means more work per byte: shrink tasks (down to 32 KB) so that they stay short.
+  const int64_t cap = std::clamp<int64_t>(4 * SLIMLM_TASK_BYTES / M, 32768, SLIMLM_TASK_BYTES);
+  const int64_t task_bytes = std::min<int64_t>(cap, std::max<int64_t>(32768, N * row_bytes / (2 * nt)));
+  const int64_t task_rows = R * std::max<int64_t>(1, task_bytes / std::max<int64_t>(1, R * row_bytes));
   const int64_t ntasks = (N + task_rows - 1) / task_rows;
 
   auto run = [&](auto loader, auto* optr) {
     using L = decltype(loader);
     const auto* wp = reinterpret_cast<const typename L::T*>(w.data_ptr());
     parallel_dynamic(ntasks, [&](int64_t t) {
-      small_dispatch<L>(wp, K, xf, Kp, M, bp, optr, N, t * task_rows, std::min(N, (t + 1) * task_rows));
+      small_dispatch<L>(wp, K, xf, ldx, M, bp, optr, N, t * task_rows, std::min(N, (t + 1) * task_rows));
     }, /*adaptive=*/true);
   };
   if (out.scalar_type() == at::kFloat) {
@@ -455,12 +404,13 @@ static void large_path_bf16(const at::Tensor& xf, const at::Tensor& w, const at:
   const int64_t nchunks = (N + ch - 1) / ch;
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   parallel_dynamic(nchunks, [&](int64_t c) {
-    static thread_local std::vector<float> scratch;
-    if (static_cast<int64_t>(scratch.size()) < ch * K) scratch.resize(ch * K);
+    static thread_local std::vector<float> scratch;  // reused across calls, 64-byte aligned
+    if (static_cast<int64_t>(scratch.size()) < ch * K + 16) scratch.resize(ch * K + 16);
+    float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
     {
       const int64_t n0 = c * ch, rows = std::min(ch, N - n0);
-      bf16_rows_to_f32(wp + n0 * K, rows, K, scratch.data());
-      at::Tensor wc = at::from_blob(scratch.data(), {rows, K}, at::TensorOptions().dtype(at::kFloat));
+      bf16_rows_to_f32(wp + n0 * K, rows, K, ws);
+      at::Tensor wc = at::from_blob(ws, {rows, K}, at::TensorOptions().dtype(at::kFloat));
       at::Tensor oc = out.narrow(1, n0, rows);
       if (b.defined())
         at::cpu::addmm_out(oc, b.narrow(0, n0, rows), xf, wc.t());
@@ -495,7 +445,7 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
     return out.reshape(out_shape);
   }
 
-  if (path == 1 || (path == 0 && M <= small_max(wt))) {
+  if (path == 1 || (path == 0 && M <= small_max(wt, K))) {
     at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
     small_path(x2, w, b, out);
     return out.view(out_shape);
@@ -555,8 +505,11 @@ void set_chunk_rows(int64_t r) { g_chunk_rows = std::max<int64_t>(1, r); }
 
 py::dict config() {
   py::dict d;
-  d["small_max_bf16"] = kSmallMaxBf16;
-  d["small_max_f32"] = kSmallMaxF32;
+  d["long_k"] = kLongK;
+  d["small_max_bf16_short_k"] = SLIMLM_SMALL_MAX_BF16_SHORT_K;
+  d["small_max_bf16_long_k"] = SLIMLM_SMALL_MAX_BF16_LONG_K;
+  d["small_max_f32_short_k"] = SLIMLM_SMALL_MAX_F32_SHORT_K;
+  d["small_max_f32_long_k"] = SLIMLM_SMALL_MAX_F32_LONG_K;
   d["chunk_rows"] = g_chunk_rows;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["late_helper_events"] = g_late_events.load();
