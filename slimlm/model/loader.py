@@ -225,8 +225,11 @@ def load_model(
     path = resolve_model_path(model)
     config = load_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = resolve_dtype(dtype, device)
-    net = build_model(config, torch_dtype, device, get_ops(device, kernels), max_positions)
+    ops = get_ops(device, kernels)
+    torch_dtype = resolve_dtype(dtype, device, ops)
+    how = "requested" if dtype not in (None, "auto") else "fastest measured here"
+    logger.info("dtype %s (%s), kernels %s", str(torch_dtype).removeprefix("torch."), how, ops.name)
+    net = build_model(config, torch_dtype, device, ops, max_positions)
     load_weights(net, path)
     generation = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     tokenizer = load_tokenizer(path) if load_tokenizer_files else None
