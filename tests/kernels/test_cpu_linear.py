@@ -168,3 +168,21 @@ def test_cache_key_covers_cpu_flags():
     assert cpu_linear.build_key(flags) != cpu_linear.build_key(flags, {"SLIMLM_SMALL_MAX_BF16": 3})
     name = cpu_linear.load().__name__
     assert cpu_linear.build_key(flags) in name, (cpu_linear.build_key(flags), name)
+
+
+def test_same_bits_for_any_thread_count(mod):
+    """Each output is computed by one thread in a fixed order: 1 or 2 threads give equal bits."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(1001, 577, generator=g).bfloat16()
+    b = torch.randn(1001, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        for M in (1, 3, 8):
+            x = torch.randn(M, 577, generator=g)
+            torch.set_num_threads(1)
+            one = mod.linear(x, w, b)
+            torch.set_num_threads(2)
+            two = mod.linear(x, w, b)
+            assert torch.equal(one, two)
+    finally:
+        torch.set_num_threads(threads)

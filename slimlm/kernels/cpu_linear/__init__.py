@@ -5,10 +5,17 @@ stride or it is copied), ``w`` [N, K] bfloat16 or float32, ``bias`` [N] or None;
 an output in ``x``'s dtype. Inference only (no autograd). Small M streams W once through a
 hand-written AVX2/FMA kernel; large M converts W to fp32 in chunks and runs sgemm on them.
 
-The extension is compiled on first use with ``-O3 -march=native`` and cached under
-``~/.cache/slimlm/kernels/linear-<hash>``, the hash covering the source, the torch version, the
-compiler flags and the CPU's flags, so a build for one CPU is never loaded on another.
-The returned module's functions are raw pybind functions (no Python in the call path).
+The extension is compiled on first use (``-O3 -march=native -fopenmp``, ~25 s) and cached under
+``<cache>/kernels/linear-<hash>`` (``<cache>`` = ``$SLIMLM_CACHE_DIR`` or ``~/.cache/slimlm``), the
+hash covering the source, the torch and Python versions, the compiler flags and the CPU's flags,
+so a build for one CPU is never loaded on another; later processes import the finished ``.so``
+directly. The module's functions are raw pybind functions (no Python in the call path):
+
+- ``linear(x, weight, bias=None)``: the op; streaming kernel for M up to a measured crossover
+  (``config()``), fp32-chunk + sgemm path above it.
+- ``linear_path(x, weight, bias, path)``: 1 forces the streaming kernel, 2 the GEMM path (tests).
+- ``config()``: the crossovers and tuning constants of this build.
+- ``read_probe(t)``, ``set_chunk_rows(n)``: benchmark helpers.
 """
 
 from __future__ import annotations
@@ -85,7 +92,8 @@ def load(defines: dict[str, int] | None = None, verbose: bool = False):
     """Build (once per source/torch/CPU) and import the extension; returns the module.
 
     ``defines`` overrides compile-time tuning constants (benchmarks only), e.g.
-    ``{"SLIMLM_SMALL_MAX_BF16": 8}``.
+    ``{"SLIMLM_SMALL_MAX_BF16_LONG_K": 64}`` or ``{"SLIMLM_SERIAL_BACKOFF": 0}`` (no fallback to
+    one thread after a call that waited for a descheduled worker).
     """
     key = tuple(sorted((defines or {}).items()))
     mod = _modules.get(key)

@@ -2,8 +2,8 @@
 //
 // Small M (decode): a hand-written AVX2/FMA kernel that streams W exactly once from memory.
 //   x is converted to fp32 once into a small zero-padded buffer that stays in cache; threads
-//   claim ~64 KB runs of W rows dynamically and, for every block of R rows, compute all M rows
-//   of x against it (the R rows stay in L1/L2 while the passes over M reuse them).
+//   claim tasks of up to 256 KB of W rows dynamically; a task is read as R (8 at M=1) long
+//   contiguous streams, and each block of R rows meets all M rows of x while it sits in L1/L2.
 //   bf16 -> fp32 is free of shuffles: one 256-bit load of 16 bf16 values is split into the
 //   even-index values (shift left 16) and the odd-index values (and 0xFFFF0000); x is packed
 //   in the matching "8 even, 8 odd" order per 16-element block, so no lane permutes are needed.
@@ -278,7 +278,7 @@ static std::atomic<int64_t> g_late_events{0};
 // at::parallel_for) that claim items dynamically, so a thread the OS delays does not hold back a
 // fixed share of the work.
 //
-// `adaptive` (the streaming path, whose items are ~64 KB of W, a few microseconds each):
+// `adaptive` (the streaming path, whose items are 32-256 KB of W, microseconds each):
 // on oversubscribed cores (a shared machine) the team's closing barrier waits for a worker that
 // the OS has not scheduled yet or has preempted, measured at ~7 ms per call on a busy 2-core VM
 // (2-thread decode 10x slower than 1-thread). When the caller, done with its own items, waited
@@ -435,7 +435,8 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
   at::Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
-  at::Tensor x2 = x.reshape({-1, K});  // a view whenever possible (row-strided slices stay views)
+  // 2-D x is used as is (any row stride); otherwise a view whenever possible.
+  at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, K});
   if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   const int64_t M = x2.size(0);
   at::Tensor b = bias_f32(bias, N);
@@ -448,7 +449,7 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
   if (path == 1 || (path == 0 && M <= small_max(wt, K))) {
     at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
     small_path(x2, w, b, out);
-    return out.view(out_shape);
+    return x.dim() == 2 ? out : out.view(out_shape);
   }
 
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
