@@ -34,18 +34,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["list_shapes", "load_shape", "new_model", "resolve_dtype"]
+from slimlm.model.dtype import parse_dtype
 
-_DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
+__all__ = ["list_shapes", "load_shape", "new_model"]
+
 
 # keys of a config.json that are bookkeeping, not architecture
 _DROP_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
@@ -81,20 +73,6 @@ def load_shape(name_or_path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(shape, dict) or "model_type" not in shape:
         raise ValueError(f"{s!r} is not a model config: it has no 'model_type'")
     return shape
-
-
-def resolve_dtype(dtype):
-    """torch dtype for a name ("bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32") or a torch.dtype."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"unsupported dtype {dtype}; use bfloat16, float16 or float32")
-        return dtype
-    try:
-        return getattr(torch, _DTYPES[str(dtype).lower()])
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r}; use bfloat16, float16 or float32") from None
 
 
 def _build_config(shape: dict[str, Any], num_layers: int | None, overrides: dict[str, Any] | None):
@@ -196,7 +174,9 @@ def new_model(
     shape_dict = dict(shape) if isinstance(shape, dict) else load_shape(shape)
     if "model_type" not in shape_dict:
         raise ValueError("shape dict has no 'model_type'")
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is None:
+        raise ValueError("new_model needs an explicit dtype: bfloat16, float16 or float32")
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
