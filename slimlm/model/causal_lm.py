@@ -9,7 +9,8 @@ from torch import nn
 from slimlm.kernels import Ops
 from slimlm.model.config import ModelConfig
 from slimlm.model.layers import AttentionMetadata, DecoderLayer, RMSNorm
-from slimlm.model.paged_forward import LayerWeights, decoder_layer
+from slimlm.model.paged_forward import LayerWeights, decoder_layer, linear
+from slimlm.model.quantized_linear import linear_weight
 from slimlm.model.rope import cos_sin_table
 
 
@@ -33,7 +34,11 @@ class CausalLM(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
+        """The dense output projection (the tied embedding, or an unquantized lm_head)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def _output_projection(self):
+        return self.embed_tokens.weight if self.lm_head is None else linear_weight(self.lm_head)
 
     def forward(
         self,
@@ -59,7 +64,7 @@ class CausalLM(nn.Module):
         self._inference_weights = [LayerWeights.gather(layer) for layer in self.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(hidden, self.output_weight, None)
+        return linear(self.ops, hidden, self._output_projection(), None)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, L, vocab]`` for a padded-free ``[B, L]`` batch, without a cache (training, eval)."""
@@ -67,4 +72,5 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer.forward_dense(x, positions, self.cos_sin)
-        return F.linear(self.norm(x), self.output_weight)
+        x = self.norm(x)
+        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)

@@ -9,27 +9,31 @@ through, and ``CausalLM.refresh_inference_weights()`` re-gathers after parameter
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from slimlm.kernels import Ops
 from slimlm.model.layers import AttentionMetadata, DecoderLayer
+from slimlm.model.quantized_linear import linear_weight
+
+Weight = torch.Tensor | Callable  # dense [N, K], or a quantized kernel (x, bias) -> y
 
 
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: Weight
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: Weight
     o_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: Weight
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: Weight
     down_bias: torch.Tensor | None
     q_size: int
     kv_size: int
@@ -45,16 +49,16 @@ class LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         return cls(
             input_norm=layer.input_layernorm.weight,
-            qkv=attn.qkv_proj.weight,
+            qkv=linear_weight(attn.qkv_proj),
             qkv_bias=attn.qkv_proj.bias,
-            o=attn.o_proj.weight,
+            o=linear_weight(attn.o_proj),
             o_bias=attn.o_proj.bias,
             q_norm=attn.q_norm.weight if attn.q_norm is not None else None,
             k_norm=attn.k_norm.weight if attn.k_norm is not None else None,
             post_norm=layer.post_attention_layernorm.weight,
-            gate_up=mlp.gate_up_proj.weight,
+            gate_up=linear_weight(mlp.gate_up_proj),
             gate_up_bias=mlp.gate_up_proj.bias,
-            down=mlp.down_proj.weight,
+            down=linear_weight(mlp.down_proj),
             down_bias=mlp.down_proj.bias,
             q_size=attn.split_sizes[0],
             kv_size=attn.split_sizes[1],
@@ -65,6 +69,12 @@ class LayerWeights:
             sliding_window=attn.sliding_window,
             eps=layer.eps,
         )
+
+
+def linear(ops: Ops, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return ops.linear(x, weight, bias)
+    return weight(x, bias)
 
 
 def decoder_layer(
@@ -85,7 +95,7 @@ def decoder_layer(
     else:
         x, residual = ops.fused_add_rms_norm(x, residual, w.input_norm, w.eps)
     tokens = x.shape[0]
-    qkv = ops.linear(x, w.qkv, w.qkv_bias)
+    qkv = linear(ops, x, w.qkv, w.qkv_bias)
     q = qkv[:, : w.q_size].view(tokens, w.num_heads, w.head_dim)
     k = qkv[:, w.q_size : w.q_size + w.kv_size].view(tokens, w.num_kv_heads, w.head_dim)
     v = qkv[:, w.q_size + w.kv_size :].view(tokens, w.num_kv_heads, w.head_dim)
@@ -96,7 +106,7 @@ def decoder_layer(
     attn = ops.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, w.scale, w.sliding_window
     )
-    x = ops.linear(attn.view(tokens, w.q_size), w.o, w.o_bias)
+    x = linear(ops, attn.view(tokens, w.q_size), w.o, w.o_bias)
     x, residual = ops.fused_add_rms_norm(x, residual, w.post_norm, w.eps)
-    h = ops.silu_and_mul(ops.linear(x, w.gate_up, w.gate_up_bias))
-    return ops.linear(h, w.down, w.down_bias), residual
+    h = ops.silu_and_mul(linear(ops, x, w.gate_up, w.gate_up_bias))
+    return linear(ops, h, w.down, w.down_bias), residual
