@@ -416,7 +416,10 @@ inline float inv_rms(float ss, int64_t N, float eps) {
   return 1.0f / std::sqrt(mean + eps);
 }
 
-inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
+// Elementwise row ops are memory-bound and take microseconds at decode sizes; a parallel region costs
+// more than that to open, and when another process holds a core its barrier waits a scheduler slice
+// (milliseconds). So split only work large enough to repay it (prefill-sized batches).
+inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(N, 1)); }
 
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   check_cpu(x_in, "rms_norm: x");
@@ -527,7 +530,7 @@ void rope_cache_impl(const Heads& q, const Heads& k, const Heads* v, const Idx& 
   const float* cs = cos_sin.data_ptr<float>();
   const int64_t cs0 = cos_sin.stride(0), max_pos = cos_sin.size(0);
   const int64_t work = (q.H + k.H) * D;
-  at::parallel_for(0, q.T, std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, q.T, std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(work, 1)), [&](int64_t b, int64_t e) {
     alignas(32) float c[kMaxDim / 2 + W], s[kMaxDim / 2 + W];
     for (int64_t t = b; t < e; ++t) {
       const int64_t p = pos(t);
