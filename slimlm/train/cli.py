@@ -3,6 +3,7 @@
 Every :class:`~slimlm.train.config.TrainConfig` field is a flag (``--hidden-size``, ``--lr``, ...) on
 top of a ``--preset``; ``--resume`` continues the run in ``--out`` from its checkpoint (its saved
 config is the base then, so only the flags given change: time limit, step budget, ...).
+``slimlm train medusa TARGET --out DIR`` trains Medusa heads on a frozen target instead (:mod:`.medusa_cli`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from slimlm.train.config import CONFIG_NAME, PRESETS, TrainConfig
 from slimlm.train.trainer import Trainer
 
-__all__ = ["register", "cmd_train", "config_from_args"]
+__all__ = ["add_config_flags", "register", "cmd_train", "config_from_args"]
 
 _HANDLED = {"out_dir", "resume", "time_limit", "max_steps", "progress"}
 _ALIASES = {"num_layers": ["--layers"], "num_heads": ["--heads"], "num_kv_heads": ["--kv-heads"]}
@@ -56,15 +57,34 @@ def register(subparsers) -> argparse.ArgumentParser:
         default="py-target",
         help="base configuration: py-target (15.7M parameters), py-draft (3.1M), tiny (0.1M, for tests)",
     )
-    p.add_argument("--out", dest="out_dir", required=True, help="run directory (checkpoint, logs, model/)")
+    # Not required=True: `slimlm train medusa ... --out` fills the sub-action's own --out (checked in _needs_out).
+    p.add_argument("--out", dest="out_dir", default=None, help="run directory (checkpoint, logs, model/); required")
     p.add_argument("--time-limit", type=float, default=None, help="seconds of training in this run (0: none)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps of the whole schedule")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    g = p.add_argument_group("training configuration (defaults: the preset's)")
+    add_config_flags(p.add_argument_group("training configuration (defaults: the preset's)"), _HANDLED)
+    p.set_defaults(func=_needs_out(p, cmd_train))
+    from slimlm.train.medusa_cli import register_medusa
+
+    register_medusa(p.add_subparsers(dest="train_action", title="other trainings", metavar="{medusa}"))
+    return p
+
+
+def _needs_out(parser: argparse.ArgumentParser, func):
+    def run(a: argparse.Namespace) -> int:
+        if a.out_dir is None:
+            parser.error("the following arguments are required: --out")
+        return func(a)
+
+    return run
+
+
+def add_config_flags(g, skip: set[str]) -> None:
+    """A flag for every :class:`TrainConfig` field not in ``skip`` (default None: the base config's value)."""
     for f in dataclasses.fields(TrainConfig):
-        if f.name in _HANDLED:
+        if f.name in skip:
             continue
         flags = ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
         if f.type in (bool, "bool"):
@@ -74,8 +94,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
             g.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=_HELP.get(f.name))
-    p.set_defaults(func=cmd_train)
-    return p
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
