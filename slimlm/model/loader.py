@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,14 @@ def _checkpoint_targets(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
     return targets
 
 
-def load_weights(model: CausalLM, path: Path) -> None:
-    """Copies every checkpoint tensor into its (possibly merged) parameter, checking names and shapes."""
+def load_weights(model: CausalLM, path: Path, handled: Collection[str] = ()) -> None:
+    """Copies every checkpoint tensor into its (possibly merged) parameter, checking names and shapes.
+
+    ``handled``: tensor names already loaded by the caller (a compressed checkpoint's quantized linears):
+    neither required nor reported as unexpected.
+    """
     params = dict(model.named_parameters())
-    targets = _checkpoint_targets(model.config)
+    targets = {name: t for name, t in _checkpoint_targets(model.config).items() if name not in handled}
     filled: set[str] = set()
     ignored: list[str] = []
     for file in safetensors_files(path):
@@ -163,7 +168,8 @@ def load_weights(model: CausalLM, path: Path) -> None:
                 for name in f.keys():
                     target = targets.get(name)
                     if target is None:
-                        ignored.append(name)
+                        if name not in handled:
+                            ignored.append(name)
                         continue
                     dst, offset, rows = target
                     param = params[dst]
@@ -230,7 +236,13 @@ def load_model(
     how = "requested" if dtype not in (None, "auto") else "fastest measured here"
     logger.info("dtype %s (%s), kernels %s", str(torch_dtype).removeprefix("torch."), how, ops.name)
     net = build_model(config, torch_dtype, device, ops, max_positions)
-    load_weights(net, path)
+    quantization = read_json(path / "config.json").get("quantization_config")
+    if quantization is not None:
+        from slimlm.model.compressed_loader import load_compressed_weights
+
+        load_compressed_weights(net, path, quantization, kernels)
+    else:
+        load_weights(net, path)
     generation = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     tokenizer = load_tokenizer(path) if load_tokenizer_files else None
     return LoadedModel(path=path, config=config, model=net, tokenizer=tokenizer, generation_config=generation)
