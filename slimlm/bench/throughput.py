@@ -35,6 +35,7 @@ class ThroughputConfig:
     baseline: str | None = None  # "hf": transformers generate, same checkpoint and dtype
     rss_requests: int = 0  # > 0: also run this many sequential requests and report RSS along the way
     seed: int = 0
+    workload: str = "random"  # "grounded": held-out code the output should repeat (speculative decoding)
     engine: dict = field(default_factory=dict)  # extra EngineConfig fields
 
     def __post_init__(self):
@@ -43,12 +44,66 @@ class ThroughputConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.baseline not in (None, "hf"):
             raise ValueError(f"baseline must be 'hf' or None, got {self.baseline!r}")
+        if self.workload not in ("random", "grounded"):
+            raise ValueError(f"workload must be 'random' or 'grounded', got {self.workload!r}")
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     hi = max(16, min(vocab, 8000))
     return [[rng.randrange(8, hi) for _ in range(length)] for _ in range(count)]
+
+
+# ---- speculative decoding: an input-grounded workload, and speculation on vs off on one engine ----------
+
+_GROUNDED_CUE = "\n\n# The same function again, unchanged:\n"
+
+
+def grounded_prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
+    """Functions from the held-out stdlib-test split, then a cue and the function's first two lines again, so
+    a trained model's continuation copies the rest of the function (prompt lookup's and drafts' best case)."""
+    import ast
+    import textwrap
+
+    from slimlm.data.corpus import iter_documents
+
+    found: list[list[int]] = []
+    enough = max(64, 4 * count)  # a sample of the split (in its fixed order) is varied enough and quick
+    for doc in iter_documents("test"):
+        if len(found) >= enough:
+            break
+        try:
+            tree = ast.parse(doc)
+        except SyntaxError:
+            continue
+        lines = doc.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 4:
+                source = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
+                head = "".join(source.splitlines(keepends=True)[:2])
+                ids = tokenizer.encode(source + _GROUNDED_CUE + head, add_special_tokens=False)
+                if length // 2 <= len(ids) <= length:
+                    found.append(ids)
+    if not found:
+        raise ValueError(f"no held-out function fits a grounded prompt of {length // 2}..{length} tokens")
+    random.Random(seed).shuffle(found)
+    return [found[i % len(found)] for i in range(count)]
+
+
+def _spec_delta(before: dict, after: dict) -> dict:
+    keys = ("proposed_tokens", "accepted_tokens", "verified_seqs", "emitted_tokens", "verify_steps")
+    d = {k: after[k] - before.get(k, 0) for k in keys}
+    d["acceptance_rate"] = d["accepted_tokens"] / d["proposed_tokens"] if d["proposed_tokens"] else 0.0
+    d["mean_accepted_length"] = d["accepted_tokens"] / d["verified_seqs"] if d["verified_seqs"] else 0.0
+    return d
+
+
+def _predicted_speedup(engine: Engine, batch_size: int) -> float | None:
+    spec = engine.speculator
+    k_max = spec.config.num_speculative_tokens
+    ks = range(1, k_max + 1) if spec.config.adaptive else [k_max]
+    predictions = [p for k in ks if (p := spec.controller.predict(batch_size, k)) is not None]
+    return max(predictions, default=None)
 
 
 def _run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -99,7 +154,13 @@ def run_throughput(config: ThroughputConfig) -> dict:
     engine = Engine(EngineConfig(model=config.model, **{**config.engine, "max_num_seqs": config.concurrency}))
     vocab = engine.model_config.vocab_size
     dtype = str(engine.dtype).replace("torch.", "")
-    prompts = _prompts(config.concurrency, config.input_len, vocab, config.seed)
+    if config.workload == "grounded":
+        if engine.tokenizer is None:
+            raise ValueError("--workload grounded needs the model's tokenizer")
+        prompts = grounded_prompts(engine.tokenizer, config.concurrency, config.input_len, config.seed)
+    else:
+        prompts = _prompts(config.concurrency, config.input_len, vocab, config.seed)
+    spec = engine.speculator
     single = prompts[:1]
     _run_batch(engine, single, 4)  # warm-up: kernels built, caches touched
 
@@ -108,17 +169,30 @@ def run_throughput(config: ThroughputConfig) -> dict:
         from slimlm.bench.hf_baseline import HFBaseline
 
         hf = HFBaseline(str(engine.loaded.path), engine.dtype)
-    ours_decode, ours_prefill, hf_decode, hf_prefill, bandwidth = [], [], [], [], []
+    ours_decode, ours_prefill, hf_decode, hf_prefill, bandwidth, plain_decode = [], [], [], [], [], []
+    spec_before = engine.speculative_metrics()
     steps = tqdm(range(config.repeats), desc="batch-1 (interleaved)", unit="round")
     for _ in steps:
         bandwidth.append(read_bandwidth_gbs())
         run = _run_batch(engine, single, config.output_len)
-        ours_prefill.append(config.input_len / run["ttft_s"][0])
+        ours_prefill.append(len(single[0]) / run["ttft_s"][0])
         ours_decode.append(1.0 / run["tpot_s"][0])
+        if spec is not None:  # the same engine with speculation off, interleaved
+            spec.enabled = False
+            plain_decode.append(1.0 / _run_batch(engine, single, config.output_len)["tpot_s"][0])
+            spec.enabled = True
         if hf is not None:
             hf_prefill.append(hf.prefill_tokens_per_s(single[0]))
             hf_decode.append(hf.decode_tokens_per_s(single[0], config.output_len))
+    spec_batch1 = _spec_delta(spec_before, engine.speculative_metrics()) if spec is not None else None
+    spec_mid = engine.speculative_metrics()
     concurrent = _run_batch(engine, prompts, config.output_len)
+    concurrent_plain = None
+    if spec is not None:
+        spec_concurrent = _spec_delta(spec_mid, engine.speculative_metrics())
+        spec.enabled = False
+        concurrent_plain = _run_batch(engine, prompts, config.output_len)
+        spec.enabled = True
     sequential = (
         _rss_over_sequential_requests(engine, config.rss_requests, config.seed) if config.rss_requests else None
     )
@@ -148,6 +222,29 @@ def run_throughput(config: ThroughputConfig) -> dict:
         "peak_rss_gib_before_baseline": peak_rss,
     }
     report["concurrent_over_batch1"] = report["concurrent_output_tok_s"] / decode
+    report["workload"] = config.workload
+    if spec is not None:
+        plain = statistics.median(plain_decode)
+        plain_concurrent = concurrent_plain["output_tokens"] / concurrent_plain["wall_s"]
+        report["speculative"] = {
+            "method": spec.config.method,
+            "num_speculative_tokens": spec.config.num_speculative_tokens,
+            "adaptive": spec.config.adaptive,
+            "batch1": {
+                **spec_batch1,
+                "decode_tok_s_plain": plain,
+                "decode_plain_runs": plain_decode,
+                "measured_speedup": decode / plain,
+                "predicted_speedup": _predicted_speedup(engine, 1),
+            },
+            "concurrent": {
+                **spec_concurrent,
+                "output_tok_s_plain": plain_concurrent,
+                "measured_speedup": report["concurrent_output_tok_s"] / plain_concurrent,
+                "predicted_speedup": _predicted_speedup(engine, config.concurrency),
+            },
+            "metrics": engine.speculative_metrics(),
+        }
     if sequential:
         report["sequential_rss"] = sequential
     if hf is not None:
@@ -176,6 +273,18 @@ def format_report(r: dict) -> str:
         "  TPOT s  mean {mean:.4f}  p50 {p50:.4f}  p95 {p95:.4f}".format(**r["tpot_s"]),
         f"peak RSS {r['peak_rss_gib_before_baseline']:.2f} GiB",
     ]
+    if "speculative" in r:
+        s = r["speculative"]
+        for name, d, plain in (
+            ("batch 1", s["batch1"], s["batch1"]["decode_tok_s_plain"]),
+            (f"{r['concurrency']} concurrent", s["concurrent"], s["concurrent"]["output_tok_s_plain"]),
+        ):
+            predicted = "n/a" if d["predicted_speedup"] is None else f"{d['predicted_speedup']:.2f}x"
+            lines.append(
+                f"speculative {s['method']} K={s['num_speculative_tokens']} ({r['workload']} workload), {name}: "
+                f"acceptance {d['acceptance_rate']:.2f}, mean accepted length {d['mean_accepted_length']:.2f}, "
+                f"speedup measured {d['measured_speedup']:.2f}x (plain {plain:.1f} tok/s), predicted {predicted}"
+            )
     if "sequential_rss" in r:
         q = r["sequential_rss"]
         lines.append(

@@ -126,6 +126,19 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.num_draft_computed_tokens = 0
+
+    def free_tail(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first ``num_tokens`` tokens (slots of rejected speculative tokens)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                # Never hashed, so nothing to keep: reused first, before blocks a prefix may still hit.
+                self.free_queue[block_id] = None
+                self.free_queue.move_to_end(block_id, last=False)
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

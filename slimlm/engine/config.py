@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from slimlm.engine.speculative.config import SpeculativeConfig
 
 
 @dataclass
@@ -22,8 +25,11 @@ class EngineConfig:
     kernels: str = "auto"  # "auto", "torch" (reference ops) or "cpu" (compiled CPU kernels, required)
     skip_tokenizer_init: bool = False
     seed: int = 0
+    # vLLM's form: {"method": "ngram" | "draft" | "medusa", "num_speculative_tokens": K, "model": DIR, ...}
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
     def __post_init__(self):
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size")
         for name in positive:
             value = getattr(self, name)

@@ -16,6 +16,8 @@ from slimlm.engine.model_runner import KVCache, ModelOutput, ModelRunner
 from slimlm.engine.sampler import Sampler, SamplerOutput, SamplingState, compute_logprobs, make_generator
 from slimlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from slimlm.engine.sequence import Sequence, SequenceIds
+from slimlm.engine.speculative.metrics import SpeculativeStats
+from slimlm.engine.speculative.speculator import Speculator
 from slimlm.model.loader import LoadedModel, load_model
 from slimlm.outputs import CompletionOutput, Logprob, RequestOutput
 from slimlm.sampling_params import SamplingParams
@@ -50,6 +52,7 @@ class EngineStats:
     model_s: float = 0.0
     sample_s: float = 0.0
     postprocess_s: float = 0.0
+    speculative: SpeculativeStats | None = None  # with speculative_config: proposals, acceptance, step times
 
 
 class Engine:
@@ -83,6 +86,10 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._seq_ids = SequenceIds()
+        self.speculator = None
+        if config.speculative_config is not None:
+            self.speculator = Speculator(config.speculative_config, self)
+            self.stats.speculative = self.speculator.stats
 
     def _kv_blocks(self) -> int:
         cfg = self.config
@@ -215,6 +222,8 @@ class Engine:
         stats.schedule_s += t1 - t0
         if not batch.seqs:
             return []
+        if self.speculator is not None:
+            self.speculator.plan(batch)
         want = {
             i
             for i, seq in enumerate(batch.seqs)
@@ -250,6 +259,11 @@ class Engine:
         return outputs
 
     def _sample(self, batch: ScheduledBatch, out: ModelOutput) -> None:
+        if self.speculator is not None:
+            spent = self.speculator.sample(batch, out)
+            self.stats.sample_s += spent
+            self.stats.postprocess_s -= spent
+            return
         seqs = [batch.seqs[i] for i in out.sample_rows]
         start = time.perf_counter()
         result = self.sampler(out.sample_logits, [seq.sampling for seq in seqs])
@@ -260,6 +274,10 @@ class Engine:
         now = time.monotonic()
         for j, seq in enumerate(seqs):
             self._append_token(seq, result, j, now)
+
+    def speculative_metrics(self) -> dict:
+        """Acceptance, proposal counters and step times of speculative decoding ({} without it)."""
+        return {} if self.speculator is None else self.speculator.stats.as_dict()
 
     def _append_token(self, seq: Sequence, result: SamplerOutput, row: int, now: float) -> None:
         token = result.token_ids[row]

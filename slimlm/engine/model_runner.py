@@ -14,8 +14,11 @@ from slimlm.model.layers import AttentionMetadata
 @dataclass
 class ModelOutput:
     sample_rows: list[int]  # positions in batch.seqs of the sequences that get a new token
-    sample_logits: torch.Tensor  # [len(sample_rows), vocab] float32
+    sample_logits: torch.Tensor  # [len(sample_rows), vocab] float32 (more rows with proposals: sample_counts)
     prompt_logits: dict[int, torch.Tensor]  # batch position -> logits of every row it ran this step
+    # Rows per sampled sequence when some carry speculative proposals (1 + their count), else None (all 1).
+    sample_counts: list[int] | None = None
+    sample_hidden: torch.Tensor | None = None  # the final hidden states behind sample_logits (Medusa heads)
 
 
 class KVCache:
@@ -57,23 +60,27 @@ class ModelRunner:
         query_start = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        num_spec = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
             start = seq.num_computed_tokens
             end = start + n
             table = seq.block_table
+            spec = seq.spec_token_ids  # proposals to verify: they follow the sequence's last token
             if n == 1:
                 input_ids.append(seq.token_at(start))
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
-                input_ids.extend(seq.token_slice(start, end))
+                input_ids.extend(seq.token_slice(start, end - len(spec)))
+                input_ids.extend(spec)
                 span = range(start, end)
                 positions.extend(span)
                 slots.extend(table[p // bs] * bs + p % bs for p in span)
             query_start.append(query_start[-1] + n)
             seq_lens.append(end)
-            if end == seq.num_tokens:
+            if end == seq.num_tokens + len(spec):
                 sample_rows.append(i)
+                num_spec += len(spec)
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
         dev = self.device
@@ -90,14 +97,21 @@ class ModelRunner:
                 meta,
                 self.kv.layers,
             )
-            if len(sample_rows) == hidden.shape[0]:
-                sample_hidden = hidden  # all decodes: every row is a sequence's last token
+            # A sequence with k proposals samples its last k + 1 rows (one per verified position).
+            counts = [1 + len(batch.seqs[i].spec_token_ids) for i in sample_rows] if num_spec else None
+            if len(sample_rows) + num_spec == hidden.shape[0]:
+                sample_hidden = hidden  # all decodes: every row is sampled
             else:
-                last_rows = [query_start[i + 1] - 1 for i in sample_rows]
+                ends = [query_start[i + 1] for i in sample_rows]
+                last_rows = (
+                    [e - 1 for e in ends]
+                    if not num_spec
+                    else [r for e, c in zip(ends, counts, strict=True) for r in range(e - c, e)]
+                )
                 sample_hidden = hidden[torch.tensor(last_rows, dtype=torch.int64, device=dev)]
             sample_logits = self.model.compute_logits(sample_hidden).float()
             prompt_logits = {
                 i: self.model.compute_logits(hidden[query_start[i] : query_start[i + 1]]).float()
                 for i in want_prompt_logits or ()
             }
-        return ModelOutput(sample_rows, sample_logits, prompt_logits)
+        return ModelOutput(sample_rows, sample_logits, prompt_logits, counts, sample_hidden)

@@ -412,6 +412,16 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
+def _keep_rows_drawable(work: torch.Tensor, raw: torch.Tensor) -> None:
+    """Rows that penalties or min_tokens left without a finite logit (a repetition penalty that underflows
+    float32, stop ids that cover the whole vocabulary) fall back to their raw logits: one odd request
+    must yield some token rather than an out-of-range id that fails the whole batch."""
+    work.nan_to_num_(nan=float("-inf"))
+    dead = ~torch.isfinite(work).any(dim=-1)
+    if bool(dead.any()):
+        work[dead] = raw[dead].float()
+
+
 class Sampler:
     """Turns a step's logits into next tokens (and optional logprobs); stateless."""
 
@@ -449,6 +459,7 @@ class Sampler:
                 apply_penalties(work, states)
             if need_min_tokens:
                 apply_min_tokens(work, states)
+            _keep_rows_drawable(work, raw)
 
         if all_greedy:
             sampled = _argmax(work).to(logits.device)
@@ -479,10 +490,19 @@ class Sampler:
     @staticmethod
     def _sample_random(work: torch.Tensor, rows: list[int], states: list[SamplingState]) -> torch.Tensor:
         """temperature -> top-k -> top-p -> min-p -> draw, for the random rows only."""
+        probs = Sampler.random_probs(work, rows, states)
+        return sample_from_probs(probs, [states[i].generator for i in rows])
+
+    @staticmethod
+    def random_probs(work: torch.Tensor, rows: list[int], states: list[SamplingState]) -> torch.Tensor:
+        """The distribution a random row draws from (``[len(rows), V]``, zero-masked, not renormalised after
+        min-p): temperature -> top-k -> top-p -> softmax -> min-p. Speculative verification needs it too."""
         device = work.device
         params = [states[i].params for i in rows]
         x = work[rows] if len(rows) != work.shape[0] else work
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        # A float64 temperature past float32's range would become inf and turn masked (-inf) logits into
+        # NaN; 1e30 already makes every unmasked token equally likely.
+        temps = torch.tensor([min(p.temperature, 1e30) for p in params], dtype=torch.float32, device=device)
         x = x / temps.unsqueeze(1)  # new tensor: the caller's logits are never modified
         k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
@@ -491,4 +511,4 @@ class Sampler:
         probs = x.softmax(dim=-1)
         if any(p.min_p > 0.0 for p in params):
             apply_min_p(probs, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device))
-        return sample_from_probs(probs, [states[i].generator for i in rows])
+        return probs

@@ -42,6 +42,11 @@ class Sequence:
     first_token_time: float | None = None
     detokenizer: object | None = None
     skip_prefix_cache: bool = False  # prompt logprobs need every prompt row computed
+    # Speculative decoding: this step's proposals (verified after the forward, never part of the output), the
+    # proposer's own per-sequence state, and how many leading tokens a draft model has KV for in the blocks.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_state: object | None = None
+    num_draft_computed_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

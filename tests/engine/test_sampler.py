@@ -315,3 +315,23 @@ def test_top_k_top_p_matches_sort_reference(first_k, with_big_k):
     apply_top_k_top_p(x, None, torch.full((B,), 0.9), first_k=first_k)
     for i in range(B):
         assert torch.equal(torch.isfinite(x[i]), _reference_top_k_top_p(logits[i], 0, 0.9)), f"row {i}"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, repetition_penalty=1e-300),
+        SamplingParams(temperature=1e300, min_tokens=4, seed=0),
+        SamplingParams(temperature=1.0, repetition_penalty=1e-300, seed=0),
+    ],
+    ids=["penalty-underflow-greedy", "huge-temperature-min-tokens", "penalty-underflow-random"],
+)
+def test_degenerate_values_still_give_an_in_vocabulary_token(params):
+    vocab = 16
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
+    states = [
+        SamplingState(params, list(range(vocab)), [], make_generator(params.seed, i), tuple(range(vocab)))
+        for i in range(2)
+    ]
+    out = Sampler()(logits, states)
+    assert all(0 <= t < vocab for t in out.token_ids)

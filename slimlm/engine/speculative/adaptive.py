@@ -1,0 +1,167 @@
+"""How many tokens to propose this step: the K with the best predicted speedup, or 0 (plain decode).
+
+Cost model, per batch-size bucket b (decode steps only)::
+
+    speedup(k) = E[tokens per sequence-step](k) / (t(b, k) / t(b, 0))
+    E(k)       = 1 + c * (a + a^2 + ... + a^k)    (= (1 - a^(k+1)) / (1 - a) when c = 1)
+
+where a is the running acceptance rate of one proposal given the ones before it were accepted, c the running
+share of the k asked-for proposals that the proposer actually made (prompt lookup may find fewer or none),
+and t(b, k) the wall time of a decode step (proposals + verification forward + acceptance) with k proposals
+per sequence. t(b, k) / t(b, 0) is the brief's 1 + cost(proposals) / cost(target step) + verify overhead,
+measured rather than modelled: t(b, 0) is the median of recent plain steps, and t(b, k) = t(b, 0) + s * k
+with s the median over recent speculative steps (any k) of (t - t(b, 0)) / k. Pooling every k into one
+slope keeps the estimate well fed whatever k is in use, medians shrug off the steps that a shared machine
+makes 10x slower now and then, and s is never taken below 0, so an acceptance of 0 always predicts a
+slowdown. A linear cost is pessimistic for memory-bound steps, whose cost hardly grows with the number of
+tokens; large batches are compute-bound: there s approaches a plain step and speculation switches off.
+
+Whatever is not in use is re-measured now and then (every ``probe_interval`` decode steps of a bucket): a
+plain step while speculating, a one-token speculation while off (cheap, and enough to measure acceptance),
+and a neighbouring k, so the choice follows changes in acceptance and load. The first speculative step
+after plain ones is not timed: a draft model spends it catching up on the tokens of the plain steps, a
+cost that staying on does not have (so probes while off come in pairs, and the second one is timed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+# Step times are medians of the last few: on a shared machine single steps take 10x longer now and then.
+COST_WINDOW = 31
+
+
+def bucket(batch_size: int) -> int:
+    return batch_size if batch_size <= 4 else 1 << (batch_size - 1).bit_length()
+
+
+def expected_tokens(acceptance: float, k: int, coverage: float = 1.0) -> float:
+    return 1.0 + coverage * sum(acceptance**i for i in range(1, k + 1))
+
+
+class _Ewma:
+    __slots__ = ("value", "weight")
+
+    def __init__(self, weight: float):
+        self.value: float | None = None
+        self.weight = weight
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
+
+
+def _median(values) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+class AdaptiveController:
+    def __init__(
+        self,
+        max_k: int,
+        adaptive: bool = True,
+        probe_interval: int = 32,
+        weight: float = 0.1,
+        min_speedup: float = 1.0,
+        disable_by_batch_size: int | None = None,
+    ):
+        self.max_k = max_k
+        self.adaptive = adaptive
+        self.probe_interval = probe_interval
+        self.weight = weight
+        self.min_speedup = min_speedup
+        self.disable_by_batch_size = disable_by_batch_size
+        self._plain: dict[int, deque[float]] = {}  # bucket -> recent plain step times
+        self._spec: dict[int, deque[tuple[int, float]]] = {}  # bucket -> recent (k, step time)
+        self._accepted = _Ewma(weight)
+        self._trials = _Ewma(weight)
+        self._proposed = _Ewma(weight)
+        self._planned = _Ewma(weight)
+        self._decisions: dict[int, int] = {}
+        self._recent: dict[int, tuple[int, int]] = {}  # bucket -> (previous k, current k)
+        self.predicted_speedup: float | None = None
+
+    @property
+    def acceptance(self) -> float | None:
+        trials = self._trials.value
+        return None if not trials else min(1.0, self._accepted.value / trials)
+
+    @property
+    def coverage(self) -> float:
+        planned = self._planned.value
+        return 1.0 if not planned else min(1.0, self._proposed.value / planned)
+
+    def record_cost(self, batch_size: int, k: int, seconds: float) -> None:
+        b = bucket(batch_size)
+        if k == 0:
+            self._plain.setdefault(b, deque(maxlen=COST_WINDOW)).append(seconds)
+        elif self._recent.get(b, (k, k))[0] != 0:  # not the first speculative step after plain ones (see above)
+            self._spec.setdefault(b, deque(maxlen=COST_WINDOW)).append((k, seconds))
+
+    def record_acceptance(self, planned: int, proposed: int, accepted: int, trials: int) -> None:
+        self._planned.add(planned)
+        self._proposed.add(proposed)
+        self._accepted.add(accepted)
+        self._trials.add(trials)
+
+    def _fit(self, b: int) -> tuple[float, float] | None:
+        """(t(b, 0), slope) from the recent steps of bucket b; None until both kinds were measured."""
+        plain, spec = self._plain.get(b), self._spec.get(b)
+        if not plain or not spec:
+            return None
+        t0 = _median(plain)
+        return t0, max(0.0, _median((t - t0) / k for k, t in spec))
+
+    def cost(self, batch_size: int, k: int) -> float | None:
+        """Estimated seconds of a decode step with k proposals per sequence (None: not measured yet)."""
+        fit = self._fit(bucket(batch_size))
+        return None if fit is None else fit[0] + fit[1] * k
+
+    def predict(self, batch_size: int, k: int) -> float | None:
+        """Predicted speedup of k proposals per sequence over plain decode at this batch size."""
+        fit = self._fit(bucket(batch_size))
+        a = self.acceptance
+        if fit is None or a is None or fit[0] <= 0:
+            return None
+        t0, slope = fit
+        return expected_tokens(a, k, self.coverage) * t0 / (t0 + slope * k)
+
+    def choose(self, batch_size: int) -> int:
+        k = self._choose(batch_size)
+        b = bucket(batch_size)
+        self._recent[b] = (self._recent.get(b, (k, k))[1], k)
+        return k
+
+    def _choose(self, batch_size: int) -> int:
+        if self.disable_by_batch_size is not None and batch_size >= self.disable_by_batch_size:
+            return 0
+        if not self.adaptive:
+            return self.max_k
+        b = bucket(batch_size)
+        n = self._decisions[b] = self._decisions.get(b, 0) + 1
+        if not self._plain.get(b):
+            return 0  # measure the plain step first
+        fit = self._fit(b)
+        a = self.acceptance
+        if fit is None or a is None:
+            return self.max_k  # explore
+        t0, slope = fit
+        c = self.coverage
+        best_k, best = max(
+            ((k, expected_tokens(a, k, c) * t0 / (t0 + slope * k)) for k in range(1, self.max_k + 1)), key=_second
+        )
+        self.predicted_speedup = best
+        phase = n % self.probe_interval
+        if best <= self.min_speedup:
+            return 1 if phase in (0, 1) and n > 1 else 0
+        if phase == 0:
+            return 0
+        if phase == self.probe_interval // 2:
+            up = (n // self.probe_interval) % 2 == 0
+            neighbour = best_k + 1 if (up and best_k < self.max_k) or best_k == 1 else best_k - 1
+            return max(1, min(self.max_k, neighbour))
+        return best_k
+
+
+def _second(pair: tuple[int, float]) -> float:
+    return pair[1]
