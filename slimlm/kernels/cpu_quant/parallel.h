@@ -1,0 +1,68 @@
+// Thread policy of the quantized kernels: the same as kernels/cpu_linear's (kept in step by hand).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+
+#ifndef SLIMLM_SERIAL_BACKOFF
+#define SLIMLM_SERIAL_BACKOFF 128
+#endif
+
+namespace slimlm_quant {
+
+inline std::atomic<int> g_serial_left{0};
+inline std::atomic<int64_t> g_late_events{0};
+
+// Runs f(c) for c in [0, n) on up to get_num_threads() threads that claim items dynamically, so a
+// thread the OS delays does not hold back a fixed share of the work.
+//
+// `adaptive`: on oversubscribed cores (another process busy) a 2-thread region can stall for whole
+// scheduler slices, measured 8-12 ms per call against 0.3 ms of work on the 2-core VM: a worker starts
+// late and the caller waits at the barrier, or a spinning worker pushes the caller off its core. When a
+// call's wall time exceeds twice the CPU time its threads spent on the items (what the caller alone would
+// need with half a core) plus 100 us, the next SLIMLM_SERIAL_BACKOFF calls run on the caller alone (no
+// OpenMP region, no spinning worker), then threads are tried again. Threads that merely share their cores
+// (both progressing at half speed: wall ~ CPU time) keep running in parallel; on an idle machine nothing
+// changes.
+// CPU time of the calling thread: unlike wall time it excludes the time the thread was descheduled.
+inline int64_t thread_cpu_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+template <class F>
+void parallel_dynamic(int64_t n, const F& f, bool adaptive) {
+  const int64_t nt = std::min<int64_t>(n, at::get_num_threads());
+  bool serial = nt <= 1 || at::in_parallel_region();
+  if (!serial && adaptive && g_serial_left.load(std::memory_order_relaxed) > 0) {
+    g_serial_left.fetch_sub(1, std::memory_order_relaxed);
+    serial = true;
+  }
+  if (serial) {
+    for (int64_t c = 0; c < n; ++c) f(c);
+    return;
+  }
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  std::atomic<int64_t> next{0}, busy_ns{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    const int64_t start = adaptive ? thread_cpu_ns() : 0;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(c);
+    if (adaptive) busy_ns.fetch_add(thread_cpu_ns() - start, std::memory_order_relaxed);
+  });
+  if (adaptive && SLIMLM_SERIAL_BACKOFF > 0) {
+    const int64_t wall = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
+    if (wall > 2 * busy_ns.load() + 100000) {
+      g_late_events.fetch_add(1, std::memory_order_relaxed);
+      g_serial_left.store(SLIMLM_SERIAL_BACKOFF, std::memory_order_relaxed);
+    }
+  }
+}
+
+}  // namespace slimlm_quant
