@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from slimlm.engine.config import EngineConfig
 
@@ -22,9 +23,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     g.add_argument("--kernels", default="auto", choices=["auto", "torch", "cpu"])
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--speculative-method", choices=["ngram", "draft", "medusa"], default=None)
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="K: most proposals verified per step")
+    g.add_argument("--draft-model", default=None, help="draft checkpoint (draft) or Medusa heads directory (medusa)")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
+    speculative = None
+    if a.speculative_method is not None:
+        speculative = {"method": a.speculative_method, "num_speculative_tokens": a.num_speculative_tokens}
+        if a.draft_model is not None:
+            speculative["model"] = a.draft_model
     return dict(
         dtype=a.dtype,
         device=a.device,
@@ -35,6 +44,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         kv_cache_memory=a.kv_cache_memory,
         kernels=a.kernels,
         enable_prefix_caching=not a.no_prefix_caching,
+        speculative_config=speculative,
     )
 
 
@@ -150,6 +160,7 @@ def cmd_bench_throughput(a: argparse.Namespace) -> int:
         repeats=a.repeats,
         baseline=a.baseline,
         rss_requests=a.rss_requests,
+        workload=a.workload,
         engine=_engine_kwargs(a),
     )
     report = run_throughput(config)
@@ -162,6 +173,23 @@ def cmd_bench_step(a: argparse.Namespace) -> int:
 
     report = run_step_bench(StepConfig(model=a.model, steps=a.steps, engine=_engine_kwargs(a)))
     print(json.dumps(report, indent=2) if a.json else format_step_report(report))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from slimlm.bench.tradeoff import TradeoffConfig, format_table, run_tradeoff, write_json
+
+    cfg = TradeoffConfig(
+        model=a.model,
+        methods=a.methods or TradeoffConfig().methods,
+        eval_tokens=a.eval_tokens,
+        calib_tokens=a.calib_tokens,
+        rounds=a.rounds,
+        work_dir=a.work_dir,
+    )
+    result = run_tradeoff(cfg)
+    write_json(result, Path(a.out))
+    print(json.dumps(result, indent=2) if a.json else format_table(result) + f"\n\n(written to {a.out})")
     return 0
 
 
@@ -189,9 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.set_defaults(func=cmd_new_model)
 
+    p = sub.add_parser(
+        "demo",
+        help="compress the shipped model with every method and print the trade-off table (size, speed, accuracy)",
+    )
+    p.add_argument("--model", default="models/py-target")
+    p.add_argument("--methods", nargs="+", default=None, help="labels (default: all): rtn-w8 gptq-w4-g128 ...")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="evaluation tokens of stdlib-test (0: all)")
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default: the CPU default)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved decode-speed rounds (medians)")
+    p.add_argument("--work-dir", default=None, help="keep the compressed checkpoints here")
+    p.add_argument("--out", default="runs/demo/tradeoff.json", help="where to write the table as JSON")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    from slimlm.compress.cli import register as register_compress
+    from slimlm.eval.cli import register as register_eval
     from slimlm.train.cli import register as register_train
 
     register_train(sub)
+    register_compress(sub)
+    register_eval(sub)
+    from slimlm.serve.cli import register as register_serve
+
+    register_serve(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="prefill, batch-1 decode and concurrent throughput")
@@ -202,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="interleaved batch-1 rounds (medians reported)")
     p.add_argument("--baseline", choices=["hf"], default=None)
     p.add_argument("--rss-requests", type=int, default=0, help="also run N sequential requests, report RSS")
+    p.add_argument(
+        "--workload",
+        choices=["random", "grounded"],
+        default="random",
+        help="grounded: held-out stdlib functions and a cue to repeat them (speculative decoding's case)",
+    )
     p.add_argument("--json", action="store_true")
     _engine_args(p)
     p.set_defaults(func=cmd_bench_throughput)
@@ -212,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _engine_args(p)
     p.set_defaults(func=cmd_bench_step)
+
+    from slimlm.bench.quant_linear import register as register_bench_linear
+    from slimlm.bench.serve import register as register_bench_serve
+
+    register_bench_serve(bench)
+    register_bench_linear(bench)
     return parser
 
 
