@@ -23,6 +23,7 @@ from slimlm.train.evaluate import evaluate_perplexity
 
 __all__ = ["greedy_agreement", "heldout_signatures", "shipped_test_perplexity", "greedy_continuations"]
 
+QUALITY_FILE = "quality.json"
 _SIGNATURE = re.compile(r"^def [a-z_][a-z0-9_]*\(.*\):$")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from slimlm.train import quality
 
-QUALITY_FILE = "quality.json"
+QUALITY_FILE = quality.QUALITY_FILE
 
 
 def _fmt_seconds(s: float) -> str:
