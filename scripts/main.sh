@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job, until the compression issue turns it into `slimlm demo`: a random-initialised model of
-# the published smollm2-135m shape (its output is noise: random weights say nothing about quality),
-# generated from and benchmarked against transformers on this machine.
+# The main job: `slimlm demo` on the shipped py-target (models/py-target, trained by slimlm on the Python
+# standard library). It compresses the model with every method (RTN, GPTQ, AWQ, SmoothQuant, NF4),
+# measures perplexity and KL divergence against the bf16 model, batch-1 decode speed and size, and prints
+# the trade-off table (also written to runs/demo/tradeoff.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/slimlm new-model smollm2-135m runs/smollm2-135m --exist-ok
-.venv/bin/slimlm generate runs/smollm2-135m --prompt "def fibonacci(n):" --max-tokens 32
-.venv/bin/slimlm bench throughput runs/smollm2-135m --input-len 128 --output-len 64 --concurrency 32 --baseline hf
+.venv/bin/slimlm demo --model models/py-target --out runs/demo/tradeoff.json

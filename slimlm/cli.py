@@ -268,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(func=cmd_bench_step)
 
+    from slimlm.bench.compare import register as register_bench_compare
     from slimlm.bench.quant_linear import register as register_bench_linear
     from slimlm.bench.serve import register as register_bench_serve
 
     register_bench_serve(bench)
     register_bench_linear(bench)
+    register_bench_compare(bench)
     return parser
 
 

@@ -44,9 +44,13 @@ class ServeBenchConfig:
     tokenizer: str | None = None  # default: the model directory the server reports (/v1/models "root")
     api_key: str | None = None
     seed: int = 0
+    offline_baseline: str | None = None  # a model directory: also run the prompts offline, interleaved
+    rounds: int = 1  # server rounds (interleaved with offline rounds when offline_baseline is set)
     progress: bool = True
 
     def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.num_prompts < 1 or self.input_len < 1 or self.output_len < 1:
             raise ValueError("num_prompts, input_len and output_len must be >= 1")
         if not self.request_rate > 0:
@@ -221,8 +225,36 @@ def run_serve_bench(config: ServeBenchConfig) -> dict:
     if tokenizer_path is None:
         raise ValueError("the server does not say where its model is; pass --tokenizer DIR")
     prompts = make_prompts(config, _load_tokenizer(tokenizer_path))
-    results, duration = asyncio.run(_run(config, prompts, model, headers))
-    return summarize(config, results, duration)
+    reports = []
+
+    def server_round() -> float:
+        reports.append(summarize(config, *asyncio.run(_run(config, prompts, model, headers))))
+        return reports[-1]["output_throughput"]
+
+    comparison = None
+    if config.offline_baseline:
+        from slimlm.bench.serve_offline import compare_with_offline
+
+        concurrency = min(config.max_concurrency or config.num_prompts, config.num_prompts)
+        comparison = compare_with_offline(
+            config.offline_baseline,
+            prompts,
+            config.output_len,
+            concurrency,
+            config.rounds,
+            server_round,
+            progress=config.progress,
+        )
+    else:
+        for _ in range(config.rounds):
+            server_round()
+    # The round with the median output throughput stands for the run; every round's figure is kept.
+    by_speed = sorted(reports, key=lambda r: r["output_throughput"])
+    report = by_speed[(len(by_speed) - 1) // 2]
+    report["output_throughput_runs"] = [r["output_throughput"] for r in reports]
+    if comparison is not None:
+        report["offline_comparison"] = comparison
+    return report
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -288,6 +320,12 @@ def format_report(report: dict) -> str:
         row(f"Mean {title} (ms):", stats["mean"])
         row(f"Median {title} (ms):", stats["median"])
         row(f"P99 {title} (ms):", stats["p99"])
+    if "offline_comparison" in report:
+        c = report["offline_comparison"]
+        lines.append("{:-^60}".format(f" Server vs offline engine ({c['concurrency']} concurrent) "))
+        row("Server output tok/s (median):", c["server_output_tok_s"])
+        row("Offline output tok/s (median):", c["offline_output_tok_s"])
+        row("Server / offline:", c["server_over_offline"])
     for error in report["errors"]:
         lines.append(f"error: {error}")
     lines.append("=" * 60)
@@ -321,6 +359,13 @@ def register(bench_subparsers) -> None:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the server's model)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--offline-baseline",
+        default=None,
+        metavar="MODEL",
+        help="also run the same prompts through an offline engine on MODEL in this process, interleaved",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="benchmark rounds (medians; interleaved with offline)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_serve)
 
@@ -339,6 +384,8 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
         tokenizer=a.tokenizer,
         api_key=a.api_key,
         seed=a.seed,
+        offline_baseline=a.offline_baseline,
+        rounds=a.rounds,
         progress=not a.json,
     )
     report = run_serve_bench(config)

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slimlm.bench.bandwidth import read_bandwidth_gbs
+from slimlm.bench.compute import concurrent_flops_per_output_token, matmul_gflops
 from slimlm.bench.stats import summarize
 from slimlm.engine.config import EngineConfig
 from slimlm.engine.engine import Engine
@@ -48,7 +49,7 @@ class ThroughputConfig:
             raise ValueError(f"workload must be 'random' or 'grounded', got {self.workload!r}")
 
 
-def _prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     hi = max(16, min(vocab, 8000))
     return [[rng.randrange(8, hi) for _ in range(length)] for _ in range(count)]
@@ -106,7 +107,7 @@ def _predicted_speedup(engine: Engine, batch_size: int) -> float | None:
     return max(predictions, default=None)
 
 
-def _run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+def run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
     """Submits all prompts at once and steps to completion; per-request TTFT, TPOT and end-to-end."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -128,13 +129,18 @@ def _run_batch(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dic
     return {"wall_s": wall, "ttft_s": ttft, "tpot_s": tpot, "output_tokens": total_out}
 
 
+def output_tok_s(run: dict) -> float:
+    return run["output_tokens"] / run["wall_s"]
+
+
 def _rss_over_sequential_requests(engine: Engine, count: int, seed: int) -> dict:
     """RSS while ``count`` distinct short requests run one after another: flat if finished KV is freed."""
     process = psutil.Process()
     vocab = engine.model_config.vocab_size
     samples = []
-    for i, prompt in enumerate(tqdm(_prompts(count, 32, vocab, seed + 1), desc="sequential requests", unit="req")):
-        _run_batch(engine, [prompt], 8)
+    prompts = random_prompts(count, 32, vocab, seed + 1)
+    for i, prompt in enumerate(tqdm(prompts, desc="sequential requests", unit="req")):
+        run_batch(engine, [prompt], 8)
         if i % max(1, count // 10) == 0 or i == count - 1:
             samples.append(process.memory_info().rss / 2**20)
     return {"requests": count, "rss_mib_samples": samples, "rss_growth_mib": samples[-1] - samples[0]}
@@ -150,6 +156,19 @@ def _weight_bytes_per_token(engine: Engine) -> int:
     return total
 
 
+def _compute_bound(engine: Engine, config: ThroughputConfig) -> dict:
+    """The highest concurrent output tok/s the machine's measured GEMM rate allows (prefill included)."""
+    c = engine.model_config
+    body = c.num_layers * (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size)
+    body += c.num_layers * 3 * c.hidden_size * c.intermediate_size
+    flops = concurrent_flops_per_output_token(
+        body, c.vocab_size * c.hidden_size, c.num_layers, c.q_size, config.input_len, config.output_len
+    )
+    # The engine's large-M GEMM runs in float32 unless the CPU has native bf16 matmul: take the faster.
+    gflops = max(matmul_gflops(torch.float32), matmul_gflops(engine.dtype) if engine.dtype != torch.float32 else 0)
+    return {"gemm_gflops": gflops, "flops_per_output_token": flops, "output_tok_s": gflops * 1e9 / flops}
+
+
 def run_throughput(config: ThroughputConfig) -> dict:
     engine = Engine(EngineConfig(model=config.model, **{**config.engine, "max_num_seqs": config.concurrency}))
     vocab = engine.model_config.vocab_size
@@ -159,10 +178,10 @@ def run_throughput(config: ThroughputConfig) -> dict:
             raise ValueError("--workload grounded needs the model's tokenizer")
         prompts = grounded_prompts(engine.tokenizer, config.concurrency, config.input_len, config.seed)
     else:
-        prompts = _prompts(config.concurrency, config.input_len, vocab, config.seed)
+        prompts = random_prompts(config.concurrency, config.input_len, vocab, config.seed)
     spec = engine.speculator
     single = prompts[:1]
-    _run_batch(engine, single, 4)  # warm-up: kernels built, caches touched
+    run_batch(engine, single, 4)  # warm-up: kernels built, caches touched
 
     hf = None
     if config.baseline == "hf":
@@ -174,25 +193,31 @@ def run_throughput(config: ThroughputConfig) -> dict:
     steps = tqdm(range(config.repeats), desc="batch-1 (interleaved)", unit="round")
     for _ in steps:
         bandwidth.append(read_bandwidth_gbs())
-        run = _run_batch(engine, single, config.output_len)
+        run = run_batch(engine, single, config.output_len)
         ours_prefill.append(len(single[0]) / run["ttft_s"][0])
         ours_decode.append(1.0 / run["tpot_s"][0])
         if spec is not None:  # the same engine with speculation off, interleaved
             spec.enabled = False
-            plain_decode.append(1.0 / _run_batch(engine, single, config.output_len)["tpot_s"][0])
+            plain_decode.append(1.0 / run_batch(engine, single, config.output_len)["tpot_s"][0])
             spec.enabled = True
         if hf is not None:
             hf_prefill.append(hf.prefill_tokens_per_s(single[0]))
             hf_decode.append(hf.decode_tokens_per_s(single[0], config.output_len))
     spec_batch1 = _spec_delta(spec_before, engine.speculative_metrics()) if spec is not None else None
     spec_mid = engine.speculative_metrics()
-    concurrent = _run_batch(engine, prompts, config.output_len)
-    concurrent_plain = None
+    concurrent = run_batch(engine, prompts, config.output_len)
+    concurrent_runs, plain_concurrent_runs = [output_tok_s(concurrent)], []
     if spec is not None:
-        spec_concurrent = _spec_delta(spec_mid, engine.speculative_metrics())
-        spec.enabled = False
-        concurrent_plain = _run_batch(engine, prompts, config.output_len)
-        spec.enabled = True
+        # Speculation on and off alternate (A B A B) so a bandwidth swing does not decide the ratio.
+        spec_concurrent = None
+        for round_ in range(config.repeats):
+            if round_:
+                concurrent_runs.append(output_tok_s(run_batch(engine, prompts, config.output_len)))
+            if spec_concurrent is None:
+                spec_concurrent = _spec_delta(spec_mid, engine.speculative_metrics())
+            spec.enabled = False
+            plain_concurrent_runs.append(output_tok_s(run_batch(engine, prompts, config.output_len)))
+            spec.enabled = True
     sequential = (
         _rss_over_sequential_requests(engine, config.rss_requests, config.seed) if config.rss_requests else None
     )
@@ -216,16 +241,20 @@ def run_throughput(config: ThroughputConfig) -> dict:
         "read_bandwidth_gb_s": bound,
         "bandwidth_fraction": decode * bytes_per_token / 1e9 / bound,
         "concurrency": config.concurrency,
-        "concurrent_output_tok_s": concurrent["output_tokens"] / concurrent["wall_s"],
+        "concurrent_output_tok_s": statistics.median(concurrent_runs),
+        "concurrent_runs": concurrent_runs,
         "ttft_s": summarize(concurrent["ttft_s"]),
         "tpot_s": summarize(concurrent["tpot_s"]),
         "peak_rss_gib_before_baseline": peak_rss,
     }
     report["concurrent_over_batch1"] = report["concurrent_output_tok_s"] / decode
+    if engine.device.type == "cpu":
+        bound = _compute_bound(engine, config)
+        report["concurrent_compute_bound"] = {**bound, "over_batch1": bound["output_tok_s"] / decode}
     report["workload"] = config.workload
     if spec is not None:
         plain = statistics.median(plain_decode)
-        plain_concurrent = concurrent_plain["output_tokens"] / concurrent_plain["wall_s"]
+        plain_concurrent = statistics.median(plain_concurrent_runs)
         report["speculative"] = {
             "method": spec.config.method,
             "num_speculative_tokens": spec.config.num_speculative_tokens,
@@ -240,6 +269,7 @@ def run_throughput(config: ThroughputConfig) -> dict:
             "concurrent": {
                 **spec_concurrent,
                 "output_tok_s_plain": plain_concurrent,
+                "output_plain_runs": plain_concurrent_runs,
                 "measured_speedup": report["concurrent_output_tok_s"] / plain_concurrent,
                 "predicted_speedup": _predicted_speedup(engine, config.concurrency),
             },
@@ -269,6 +299,17 @@ def format_report(r: dict) -> str:
         f"= {100 * r['bandwidth_fraction']:.0f}% of the measured read bandwidth {r['read_bandwidth_gb_s']:.1f} GB/s",
         f"{r['concurrency']} concurrent ({r['input_len']} in / {r['output_len']} out): "
         f"{r['concurrent_output_tok_s']:.1f} output tok/s = {r['concurrent_over_batch1']:.2f}x batch-1",
+        *(
+            [
+                f"  compute bound: {r['concurrent_compute_bound']['output_tok_s']:.1f} output tok/s "
+                f"= {r['concurrent_compute_bound']['over_batch1']:.2f}x batch-1 "
+                f"({r['concurrent_compute_bound']['flops_per_output_token'] / 1e6:.0f} MFLOP per output token, "
+                f"prefill included, at the measured GEMM rate {r['concurrent_compute_bound']['gemm_gflops']:.0f} "
+                "GFLOP/s)"
+            ]
+            if "concurrent_compute_bound" in r
+            else []
+        ),
         "  TTFT s  mean {mean:.3f}  p50 {p50:.3f}  p95 {p95:.3f}".format(**r["ttft_s"]),
         "  TPOT s  mean {mean:.4f}  p50 {p50:.4f}  p95 {p95:.4f}".format(**r["tpot_s"]),
         f"peak RSS {r['peak_rss_gib_before_baseline']:.2f} GiB",

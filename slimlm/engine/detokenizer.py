@@ -5,10 +5,13 @@ arrive.  It uses vLLM's prefix_offset / read_offset method: each step decodes a 
 window of the most recent tokens twice (with and without the new tokens) and emits the
 difference; when the window's text ends in U+FFFD (an incomplete UTF-8 sequence, e.g. a
 multi-byte character split across byte-level tokens) nothing is emitted and the tokens
-stay in the window until the character is complete.  The concatenated deltas plus
+stay in the window until the character is complete.  The window starts with the last few
+prompt tokens, as in vLLM, so the output is the text that continues the prompt: a
+SentencePiece-style tokenizer (Llama, Mistral) drops the space of a word-initial token at the
+very start of a decode, and without that context "Hello" + " world" would come out as
+"world".  For byte-level BPE tokenizers the concatenated deltas plus
 :meth:`IncrementalDetokenizer.flush` equal ``tokenizer.decode(output_ids,
-skip_special_tokens=...)`` (the output is decoded on its own, without prompt context, so
-the first tokens decode exactly as a plain ``decode`` would).
+skip_special_tokens=...)``.
 
 :class:`StopStringMatcher` accumulates the text, detects stop strings (also ones that
 span several deltas), truncates the text at the match and tells a streaming caller how
@@ -45,8 +48,8 @@ class IncrementalDetokenizer:
 
     Args:
         tokenizer: a ``transformers.PreTrainedTokenizerFast`` (or a ``tokenizers.Tokenizer``).
-        prompt_token_ids: the prompt; kept for reference only — the output text is
-            decoded without prompt context, so that it equals ``tokenizer.decode(output_ids)``.
+        prompt_token_ids: the prompt; its last :attr:`PROMPT_CONTEXT` tokens open the decode
+            window (unless they end inside a multi-byte character, then no context is used).
         skip_special_tokens: drop special tokens from the text.
         spaces_between_special_tokens: accepted for vLLM compatibility; fast tokenizers
             have no such option (vLLM and transformers ignore it for them too).
@@ -66,25 +69,34 @@ class IncrementalDetokenizer:
         self.prompt_token_ids = list(prompt_token_ids)
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
-        self.token_ids: list[int] = []
+        self.token_ids: list[int] = []  # the generated tokens
         self.output_text = ""  # everything returned so far
+        # The decode window runs over context + generated tokens; offsets index that list.
+        context = self.prompt_token_ids[-self.PROMPT_CONTEXT :] if self.prompt_token_ids else []
+        context_text = self._decode(context)
+        if context_text.endswith(_REPLACEMENT):
+            # The prompt ends inside a character: its completion belongs to the output, and a
+            # length-based diff against the U+FFFD would cut it. Decode the output on its own.
+            context, context_text = [], ""
+        self._ids: list[int] = list(context)
         self._prefix_offset = 0
-        self._read_offset = 0
-        # decode(token_ids[prefix_offset:read_offset]), cached between steps.
-        self._prefix_text = ""
+        self._read_offset = len(context)
+        # decode(_ids[prefix_offset:read_offset]), cached between steps.
+        self._prefix_text = context_text
+
+    PROMPT_CONTEXT = 5  # prompt tokens that open the window (vLLM's choice)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_tokens(self, token_ids: int | Iterable[int]) -> str:
         """Append generated token id(s); return the newly decodable text (possibly "")."""
-        if isinstance(token_ids, int):
-            self.token_ids.append(token_ids)
-        else:
-            self.token_ids.extend(token_ids)
-        if self._read_offset == len(self.token_ids):
+        new = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        self.token_ids.extend(new)
+        self._ids.extend(new)
+        if self._read_offset == len(self._ids):
             return ""
-        new_text = self._decode(self.token_ids[self._prefix_offset :])
+        new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
             # Nothing new yet (e.g. skipped special tokens) or a possibly incomplete
             # multi-byte character at the end: wait for more tokens.
@@ -92,8 +104,8 @@ class IncrementalDetokenizer:
         delta = new_text[len(self._prefix_text) :]
         # Keep the just-read tokens as context for the next window.
         self._prefix_offset = self._read_offset
-        self._read_offset = len(self.token_ids)
-        self._prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         self.output_text += delta
         return delta
 
@@ -103,13 +115,13 @@ class IncrementalDetokenizer:
         Bytes that never formed a complete character come out as U+FFFD, exactly as in
         a full ``decode``.  Safe to call more than once.
         """
-        if self._read_offset == len(self.token_ids):
+        if self._read_offset == len(self._ids):
             return ""
-        new_text = self._decode(self.token_ids[self._prefix_offset :])
+        new_text = self._decode(self._ids[self._prefix_offset :])
         delta = new_text[len(self._prefix_text) :] if len(new_text) > len(self._prefix_text) else ""
         self._prefix_offset = self._read_offset
-        self._read_offset = len(self.token_ids)
-        self._prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         self.output_text += delta
         return delta
 

@@ -117,6 +117,10 @@ def restore_checkpoint(
     total_steps = int(checkpoint["total_steps"])  # may have been shortened by fit_to_time_limit
     if TrainConfig.from_dict(checkpoint["train_config"]).total_steps != config.total_steps:
         total_steps = config.total_steps  # a new budget (see check_resumable)
+    elif int(checkpoint["step"]) >= total_steps and config.fit_to_time_limit and config.total_steps > total_steps:
+        # A finished, time-fitted run resumed for more time: the budget is the config's again, and the
+        # fit cuts it to the new time limit (the cosine stretches from where the run stands).
+        total_steps = config.total_steps
     state = TrainState(
         step=int(checkpoint["step"]),
         tokens_seen=int(checkpoint["tokens_seen"]),

@@ -35,7 +35,8 @@ def _train_command(training: dict[str, Any], name: str) -> str:
     return " ".join(parts)
 
 
-def model_card(name: str, training: dict[str, Any], facts: dict[str, Any]) -> str:
+def model_card(name: str, training: dict[str, Any], facts: dict[str, Any], commands: list[str] | None = None) -> str:
+    """``commands``: the exact training commands in order (a run resumed for more time has several)."""
     cfg, mc = training["config"], training["model_config"]
     status = "completed" if training["completed"] else f"stopped by {training['stopped_by']}"
     lines = [
@@ -59,7 +60,12 @@ def model_card(name: str, training: dict[str, Any], facts: dict[str, Any]) -> st
         "weights stored in bfloat16.",
         "",
         "## Training",
-        f"- Command: `{_train_command(training, name)}`",
+        (
+            "- Commands, in order (the run was resumed from its checkpoint): "
+            + "; then ".join(f"`{c}`" for c in commands)
+            if commands and len(commands) > 1
+            else f"- Command: `{commands[0] if commands else _train_command(training, name)}`"
+        ),
         f"- Data: `{cfg['train_data']}` (the stdlib `.py` files outside the held-out modules; split by a hash of "
         "the module name, see `slimlm.data.corpus`), documents as `<bos> text <eos>`, windows of "
         f"{cfg['seq_len']} tokens.",
@@ -91,7 +97,7 @@ def model_card(name: str, training: dict[str, Any], facts: dict[str, Any]) -> st
         "```python",
         "from slimlm import LLM, SamplingParams",
         f'llm = LLM("models/{name}")',
-        'print(llm.generate("def parse_args(argv):\\n", SamplingParams(max_tokens=64))[0].outputs[0].text)',
+        'print(llm.generate("def parse_args(argv):", SamplingParams(max_tokens=64))[0].outputs[0].text)',
         "```",
         "It loads unchanged in `transformers.AutoModelForCausalLM`.",
         "",
@@ -120,7 +126,10 @@ def _publish(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def ship(target_run: Path, draft_run: Path, out_root: Path) -> dict[str, Any]:
+def ship(
+    target_run: Path, draft_run: Path, out_root: Path, commands: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """``commands``: per model name, the exact training commands for its card (default: rebuilt from its config)."""
     staged = {
         "py-target": _stage(target_run, out_root, "py-target"),
         "py-draft": _stage(draft_run, out_root, "py-draft"),
@@ -149,8 +158,10 @@ def ship(target_run: Path, draft_run: Path, out_root: Path) -> dict[str, Any]:
         for name, other in (("py-target", "py-draft"), ("py-draft", "py-target")):
             facts[name].update(draft_agreement=agreement, agreement_with=other, agreement_tokens=compared)
         for name, d in staged.items():
+            facts[name]["training_commands"] = (commands or {}).get(name) or [_train_command(trainings[name], name)]
             (d / QUALITY_FILE).write_text(json.dumps(facts[name], indent=2) + "\n")
-            (d / "README.md").write_text(model_card(name, trainings[name], facts[name]))
+            card = model_card(name, trainings[name], facts[name], facts[name]["training_commands"])
+            (d / "README.md").write_text(card)
         for name, d in staged.items():
             _publish(d, out_root / name)
     finally:
@@ -164,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-run", type=Path, default=Path("runs/py-target"))
     p.add_argument("--draft-run", type=Path, default=Path("runs/py-draft"))
     p.add_argument("--out", type=Path, default=Path("models"))
+    p.add_argument("--target-command", action="append", help="a training command for the card (repeat, in order)")
+    p.add_argument("--draft-command", action="append", help="a training command for the card (repeat, in order)")
     a = p.parse_args(argv)
-    facts = ship(a.target_run, a.draft_run, a.out)
+    commands = {"py-target": a.target_command, "py-draft": a.draft_command}
+    facts = ship(a.target_run, a.draft_run, a.out, {k: v for k, v in commands.items() if v})
     print(json.dumps({n: {k: v for k, v in f.items() if k != "continuations"} for n, f in facts.items()}, indent=2))
     return 0
 

@@ -100,17 +100,40 @@ def test_special_tokens(tokenizer):
     assert "".join(incremental(tokenizer, ids, skip=False)) == "hi 日本<|endoftext|> ok"
 
 
-def test_metaspace_first_token_decodes_like_plain_decode():
-    # SentencePiece-style decoders drop the leading space of the first token: the
-    # incremental output must do the same, and keep the spaces of later tokens.
-    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "▁": 4}
+@pytest.fixture(scope="module")
+def metaspace():
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "▁": 4, "é": 5}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def stream(tokenizer, prompt, ids):
+    d = IncrementalDetokenizer(tokenizer, prompt)
+    return [d.add_tokens(i) for i in ids] + [d.flush()]
+
+
+def test_metaspace_output_continues_the_prompt_with_its_leading_space(metaspace):
+    # SentencePiece-style decoders drop the space of a word-initial token at the start of a
+    # decode; the output continues the prompt, so (as in vLLM) " world" keeps its space.
+    assert metaspace.decode([2, 3, 1]) == "world! Hello"
+    assert stream(metaspace, [1], [2, 3, 1]) == [" world", "!", " Hello", ""]
+    assert stream(metaspace, [1, 3], [5]) == ["é", ""]  # no space where the prompt's text runs on
+
+
+def test_without_a_prompt_the_first_token_decodes_like_plain_decode(metaspace):
     ids = [1, 2, 3, 1]
-    assert fast.decode(ids) == "Hello world! Hello"
-    assert incremental(fast, ids)[:4] == ["Hello", " world", "!", " Hello"]
+    assert metaspace.decode(ids) == "Hello world! Hello"
+    assert stream(metaspace, [], ids)[:4] == ["Hello", " world", "!", " Hello"]
+
+
+def test_a_prompt_ending_inside_a_character_gives_its_completion_to_the_output(tokenizer):
+    ids = tokenizer.encode("鬱蒼", add_special_tokens=False)  # characters the training corpus never had
+    assert len(ids) > 2  # so they stay split into byte tokens
+    cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    out = "".join(stream(tokenizer, ids[:cut], ids[cut:]))
+    assert out == tokenizer.decode(ids[cut:])  # no prompt context: the completed bytes decode alone
 
 
 # ---------------------------------------------------------------- stop strings

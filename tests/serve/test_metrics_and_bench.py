@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from slimlm.bench.serve import ServeBenchConfig, register, run_serve_bench
+from slimlm.bench.serve import ServeBenchConfig, format_report, register, run_serve_bench
 from tests.serve.conftest import API_KEY, MODEL
 
 NAMES = [
@@ -97,3 +98,31 @@ def test_bench_serve_command_line(server, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["completed"] == 3 and report["total_output_tokens"] == 9
     assert report["request_goodput"] == 0
+
+
+def test_bench_serve_compares_with_the_offline_engine_round_by_round(server, tiny_model):
+    config = ServeBenchConfig(
+        url=server.url,
+        num_prompts=4,
+        input_len=8,
+        output_len=5,
+        max_concurrency=2,
+        api_key=API_KEY,
+        offline_baseline=str(tiny_model),
+        rounds=2,
+        progress=False,
+    )
+    report = run_serve_bench(config)
+    c = report["offline_comparison"]
+    assert c["concurrency"] == 2
+    assert len(c["server_output_tok_s_runs"]) == len(c["offline_output_tok_s_runs"]) == 2
+    assert report["output_throughput_runs"] == c["server_output_tok_s_runs"]
+    assert report["output_throughput"] in c["server_output_tok_s_runs"]
+    assert c["server_over_offline"] == pytest.approx(c["server_output_tok_s"] / c["offline_output_tok_s"])
+    assert report["completed"] == 4 and report["total_output_tokens"] == 20
+    assert "Server / offline:" in format_report(report)
+
+
+def test_bench_serve_rejects_zero_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        ServeBenchConfig(url="http://127.0.0.1:1", rounds=0)

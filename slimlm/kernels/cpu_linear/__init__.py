@@ -26,6 +26,7 @@ from slimlm.kernels import build
 from slimlm.kernels.build import cpu_flags
 
 _SRC = Path(__file__).with_name("linear.cpp")
+_DEPENDS = (Path(__file__).parent.parent / "common" / "parallel.h",)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
@@ -44,7 +45,7 @@ def _cflags(defines: dict[str, int] | None) -> list[str]:
 
 def build_key(flags: str, defines: dict[str, int] | None = None) -> str:
     """Cache key of a build: source, torch version, compiler flags and the CPU's ``flags`` line."""
-    return build.build_key([_SRC], [*_cflags(defines), *_LDFLAGS], cpu=flags)
+    return build.build_key([_SRC, *_DEPENDS], [*_cflags(defines), *_LDFLAGS], cpu=flags)
 
 
 def load(defines: dict[str, int] | None = None, verbose: bool = False):
@@ -66,7 +67,13 @@ def load(defines: dict[str, int] | None = None, verbose: bool = False):
             raise RuntimeError("slimlm cpu_linear needs an x86-64 CPU with AVX2 and FMA")
         cflags = _cflags(dict(key))
         mod = build.load_extension(
-            "cpu_linear", [_SRC], cflags, _LDFLAGS, key=build_key(cpu_flags(), dict(key)), verbose=verbose
+            "cpu_linear",
+            [_SRC],
+            cflags,
+            _LDFLAGS,
+            depends=_DEPENDS,
+            key=build_key(cpu_flags(), dict(key)),
+            verbose=verbose,
         )
         _modules[key] = mod
         return mod

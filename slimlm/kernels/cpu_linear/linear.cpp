@@ -29,6 +29,8 @@
 
 #include <immintrin.h>
 
+#include "../common/parallel.h"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -266,54 +268,7 @@ static void pack_x(const XT* x, int64_t sx, int64_t M, int64_t K, int64_t Kp, in
   }
 }
 
-// Calls to run on the calling thread alone after a parallel call that waited long for a
-// descheduled worker (see parallel_dynamic).
-#ifndef SLIMLM_SERIAL_BACKOFF
-#define SLIMLM_SERIAL_BACKOFF 128
-#endif
-static std::atomic<int> g_serial_left{0};
-static std::atomic<int64_t> g_late_events{0};
-
-// Runs f(c) for c in [0, n) on up to get_num_threads() threads (an OpenMP team through
-// at::parallel_for) that claim items dynamically, so a thread the OS delays does not hold back a
-// fixed share of the work.
-//
-// `adaptive` (the streaming path, whose items are 32-256 KB of W, microseconds each):
-// on oversubscribed cores (a shared machine) the team's closing barrier waits for a worker that
-// the OS has not scheduled yet or has preempted, measured at ~7 ms per call on a busy 2-core VM
-// (2-thread decode 10x slower than 1-thread). When the caller, done with its own items, waited
-// longer than both 50 us and a quarter of the call for the workers, the next
-// SLIMLM_SERIAL_BACKOFF calls run on the caller alone, then threads are tried again. On an idle
-// machine that wait is at most one item and nothing changes.
-template <class F>
-static void parallel_dynamic(int64_t n, const F& f, bool adaptive) {
-  const int64_t nt = std::min<int64_t>(n, at::get_num_threads());
-  bool serial = nt <= 1 || at::in_parallel_region();
-  if (!serial && adaptive && g_serial_left.load(std::memory_order_relaxed) > 0) {
-    g_serial_left.fetch_sub(1, std::memory_order_relaxed);
-    serial = true;
-  }
-  if (serial) {
-    for (int64_t c = 0; c < n; ++c) f(c);
-    return;
-  }
-  using clock = std::chrono::steady_clock;
-  const auto t0 = clock::now();
-  clock::time_point t_caller_done = t0;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t t, int64_t) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(c);
-    if (t == 0) t_caller_done = clock::now();
-  });
-  if (adaptive && SLIMLM_SERIAL_BACKOFF > 0) {
-    const auto t1 = clock::now();
-    const auto wait = t1 - t_caller_done;
-    if (wait > std::chrono::microseconds(50) && wait * 4 > (t1 - t0)) {
-      g_late_events.fetch_add(1, std::memory_order_relaxed);
-      g_serial_left.store(SLIMLM_SERIAL_BACKOFF, std::memory_order_relaxed);
-    }
-  }
-}
+using slimlm_kernels::parallel_dynamic;
 
 // Bytes of W per task of the streaming path: up to 256 KB at M <= 4 (long runs per stream: 256 KB
 // beat 128 KB by 0-10% and 64 KB by more), 1 MB / M above, but at least 2 tasks per thread, and
@@ -513,7 +468,7 @@ py::dict config() {
   d["small_max_f32_long_k"] = SLIMLM_SMALL_MAX_F32_LONG_K;
   d["chunk_rows"] = g_chunk_rows;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
-  d["late_helper_events"] = g_late_events.load();
+  d["late_helper_events"] = slimlm_kernels::g_late_events.load();
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
   d["native_bf16_gemm"] = true;
 #else

@@ -1,4 +1,5 @@
-// Thread policy of the quantized kernels: the same as kernels/cpu_linear's (kept in step by hand).
+// Thread policy shared by the CPU kernels (cpu_linear, cpu_quant): dynamic work claiming, and a fallback
+// to the calling thread alone after a parallel call that stalled on a descheduled worker.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,7 +14,7 @@
 #define SLIMLM_SERIAL_BACKOFF 128
 #endif
 
-namespace slimlm_quant {
+namespace slimlm_kernels {
 
 inline std::atomic<int> g_serial_left{0};
 inline std::atomic<int64_t> g_late_events{0};
@@ -65,4 +66,4 @@ void parallel_dynamic(int64_t n, const F& f, bool adaptive) {
   }
 }
 
-}  // namespace slimlm_quant
+}  // namespace slimlm_kernels
