@@ -65,12 +65,16 @@ def greedy_agreement(
 
 def heldout_signatures(count: int = 4, split: str = "stdlib-test") -> list[str]:
     """The first one-line top-level function signature of each of the first ``count`` held-out files
-    that has one (deterministic: the corpus order is)."""
+    that has one (deterministic: the corpus order is).
+
+    The prompts end at the colon, without the newline: the BPE merges a newline with the indentation
+    that follows it, so a prompt ending in a bare newline token is one the model never saw in training
+    (it answers with a blank line and a new top-level statement instead of a body)."""
     found = []
     for doc in documents(split):
         for line in doc.splitlines():
             if _SIGNATURE.match(line) and len(line) < 70:
-                found.append(line + "\n")
+                found.append(line)
                 break
         if len(found) == count:
             break

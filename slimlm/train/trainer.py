@@ -201,6 +201,12 @@ class Trainer:
             with logging_redirect_tqdm():
                 while self.state.step < self.state.total_steps:
                     stopped_by = self._stop_reason(stop_at, timer)
+                    if stopped_by == "time_limit" and self._fitted_schedule_nearly_done():
+                        # The last fit was a step or two optimistic: the fitted schedule ends where the time
+                        # does (its learning rate is at the floor by now), and the run is complete.
+                        logger.info("fit_to_time_limit: schedule ends at step %d of %d", *self._steps())
+                        self.state.total_steps, stopped_by = self.state.step, None
+                        break
                     if stopped_by:
                         break
                     loss, grad_norm, lr, seconds = self._timed_train_step()
@@ -212,8 +218,11 @@ class Trainer:
                             loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_second=cfg.batch_tokens / seconds
                         )
                         append_jsonl(self.out_dir / "log.jsonl", record)
-                    # Fit the schedule to the time limit after 3 steps, then again every 20 steps.
-                    if cfg.fit_to_time_limit and (timer.steps == 3 or timer.steps % 20 == 0):
+                    # Fit the schedule to the time limit after 10 steps, then again every 20 steps. Not
+                    # sooner: the median of fewer steps follows one stalled step (seen: a 46 s step among
+                    # 5 s ones fitted a 2000-step schedule to 67 steps, and the warmup, a fifth of the
+                    # schedule, ended and then restarted when the next fit lengthened it again).
+                    if cfg.fit_to_time_limit and (timer.steps == 10 or timer.steps % 20 == 0):
                         self._fit_schedule_to_time(timer)
                         progress.set_total(self.state.total_steps)
                     self._evaluate_and_checkpoint_when_due(loss, timer)
@@ -272,6 +281,13 @@ class Trainer:
         self.state.tokens_seen += self.config.batch_tokens
         self.state.train_seconds += seconds
         return loss, grad_norm, lr, seconds
+
+    def _steps(self) -> tuple[int, int]:
+        return self.state.step, self.state.total_steps
+
+    def _fitted_schedule_nearly_done(self) -> bool:
+        left = self.state.total_steps - self.state.step
+        return self.config.fit_to_time_limit and left <= max(1, self.state.total_steps // 50)
 
     def _fit_schedule_to_time(self, timer: RunTimer) -> None:
         if not timer.eval_seconds and self.config.eval_interval:

@@ -228,6 +228,17 @@ def test_fit_to_time_limit_shortens_the_schedule(tmp_path):
     assert metrics["steps"] <= metrics["total_steps"] and metrics["train_seconds"] < 8.0
 
 
+def test_a_finished_time_fitted_run_resumes_for_more_time(tmp_path):
+    config = micro_config(tmp_path, "fitted", max_steps=10**6, time_limit=3.0, fit_to_time_limit=True)
+    first = Trainer(config).fit()
+    assert first["completed"] and first["total_steps"] < 10**6
+    again = micro_config(tmp_path, "fitted", max_steps=10**6, time_limit=3.0, fit_to_time_limit=True, resume=True)
+    trainer = Trainer(again)
+    assert trainer.state.step == first["steps"] and trainer.state.total_steps == 10**6  # the budget is back
+    second = trainer.fit()
+    assert second["completed"] and second["steps"] > first["steps"]  # refitted to the new time limit, and run
+
+
 def test_bf16_autocast_runs(tmp_path):
     # On CPUs without native bf16 "auto" picks float32; the bf16 path must still work where it is chosen.
     trainer = Trainer(micro_config(tmp_path, "bf16", autocast="bf16", max_steps=2, eval_interval=0))
@@ -235,3 +246,19 @@ def test_bf16_autocast_runs(tmp_path):
     metrics = trainer.fit()
     assert metrics["completed"] and math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["final_train_loss"])
     assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay float32
+
+
+def test_a_fitted_schedule_that_runs_out_of_time_a_step_early_ends_complete(tmp_path, monkeypatch):
+    from slimlm.train import time_budget
+
+    trainer = Trainer(micro_config(tmp_path, "early", max_steps=50, time_limit=60.0, fit_to_time_limit=True))
+    # The time runs out one step before the (fitted) schedule's end.
+    monkeypatch.setattr(time_budget.RunTimer, "next_step_passes", lambda timer, limit: trainer.state.step >= 49)
+    metrics = trainer.fit()
+    assert metrics["completed"] and metrics["stopped_by"] is None
+    assert metrics["steps"] == metrics["total_steps"] == 49
+    # Far from the end, running out of time is a stop, not a completion.
+    other = Trainer(micro_config(tmp_path, "stopped", max_steps=50, time_limit=60.0, fit_to_time_limit=True))
+    monkeypatch.setattr(time_budget.RunTimer, "next_step_passes", lambda timer, limit: other.state.step >= 30)
+    metrics = other.fit()
+    assert not metrics["completed"] and metrics["stopped_by"] == "time_limit" and metrics["steps"] == 30
