@@ -219,3 +219,30 @@ def test_same_bits_for_any_thread_count(mod):
             assert torch.equal(one, kernel(x, None))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "bits,group,symmetric,kind",
+    [(4, 32, True, "int"), (4, 128, False, "int"), (8, -1, True, "int"), (4, 64, True, "nf4")],
+)
+def test_vnni_and_avx2_integer_paths_agree_bit_for_bit(mod, bits, group, symmetric, kind):
+    """vpdpbusd (where the CPU has AVX512-VNNI) and AVX2's maddubs+madd form the same integer sums; on a CPU
+    without VNNI both builds are the AVX2 path and this still checks that the define changes nothing else."""
+    codes, scales, zeros, g_idx, spec = _weight(96, 512, bits, group, symmetric, kind, seed=11)
+    default = cpu_quant.prepare(codes, scales, zeros, g_idx, spec)
+    avx2 = cpu_quant.prepare(codes, scales, zeros, g_idx, spec, defines={"SLIMLM_QUANT_VNNI": 0})
+    assert cpu_quant.load({"SLIMLM_QUANT_VNNI": 0}).config()["vnni"] is False
+    g = torch.Generator().manual_seed(5)
+    for m in (1, 4, 16):
+        x = torch.randn(m, 512, generator=g)
+        assert torch.equal(default.forward_path(x, None, 1), avx2.forward_path(x, None, 1))
+
+
+def test_w8a8_vnni_and_avx2_agree_bit_for_bit(mod):
+    codes, scales, _, _, _ = _weight(64, 320, 8, -1, True, seed=12)
+    codes[0, 0] = -128  # |w| = 128: an unsigned 128 in both instructions
+    spec = QuantLinearSpec(8, -1, "int", "int8-token")
+    default = cpu_quant.prepare(codes, scales, None, None, spec)
+    avx2 = cpu_quant.prepare(codes, scales, None, None, spec, defines={"SLIMLM_QUANT_VNNI": 0})
+    x = torch.randn(9, 320, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(default(x, None), avx2(x, None))

@@ -42,7 +42,7 @@
 #include <vector>
 
 #include "int_kernels.h"
-#include "parallel.h"
+#include "../common/parallel.h"
 
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "slimlm cpu_quant needs AVX2 and FMA (build with -march=native on such a CPU)"
@@ -51,6 +51,7 @@
 namespace {
 
 using namespace slimlm_quant;
+using slimlm_kernels::parallel_dynamic;
 
 // The prepared weight (see prepare() in __init__.py for the layouts).
 struct QLinear {
@@ -444,9 +445,10 @@ py::dict config() {
   d["mb"] = SLIMLM_QUANT_MB;
   d["task_bytes"] = SLIMLM_TASK_BYTES;
   d["prefetch"] = SLIMLM_QUANT_PREFETCH;
+  d["vnni"] = bool(SLIMLM_QUANT_VNNI);
   d["chunk_rows"] = g_chunk_rows;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
-  d["late_helper_events"] = slimlm_quant::g_late_events.load();
+  d["late_helper_events"] = slimlm_kernels::g_late_events.load();
   return d;
 }
 
