@@ -204,7 +204,9 @@ class Trainer:
                     if stopped_by == "time_limit" and self._fitted_schedule_nearly_done():
                         # The last fit was a step or two optimistic: the fitted schedule ends where the time
                         # does (its learning rate is at the floor by now), and the run is complete.
-                        logger.info("fit_to_time_limit: schedule ends at step %d of %d", *self._steps())
+                        logger.info(
+                            "fit_to_time_limit: schedule ends at step %d of %d", self.state.step, self.state.total_steps
+                        )
                         self.state.total_steps, stopped_by = self.state.step, None
                         break
                     if stopped_by:
@@ -281,9 +283,6 @@ class Trainer:
         self.state.tokens_seen += self.config.batch_tokens
         self.state.train_seconds += seconds
         return loss, grad_norm, lr, seconds
-
-    def _steps(self) -> tuple[int, int]:
-        return self.state.step, self.state.total_steps
 
     def _fitted_schedule_nearly_done(self) -> bool:
         left = self.state.total_steps - self.state.step
