@@ -131,12 +131,16 @@ class _Runner:
         self._replaced: list[tuple[nn.Module, str]] = []
         self.metrics: list[dict[str, Any]] = []
         param = model.embed_tokens.weight
-        self.device, self.dtype = param.device, param.dtype
+        # The model may be held in its checkpoint's 16-bit dtype (a 7B model in float32 would not fit beside
+        # its calibration on a 24 GB machine); each layer is upcast when its turn comes, so the maths runs in
+        # float32 (at least) and, 16-bit to float32 being exact, gives what a float32 load would.
+        self.device, self.dtype = param.device, torch.promote_types(param.dtype, torch.float32)
 
     # ----------------------------------------------------------------- driving
     def weights_only(self) -> None:
         for i, layer in enumerate(self._progress(self.model.layers)):
-            self._compress(i, layer, {key: None for key in LAYER_KEYS})
+            self._compress(i, layer.to(self.dtype), {key: None for key in LAYER_KEYS})
+        self._upcast_head()
         self._compress(-1, None, {LM_HEAD: None})
         self._finish_modules()
 
@@ -152,13 +156,19 @@ class _Runner:
             hidden[sl] = self.model.embed_tokens(ids[sl])
         step = self._layerwise if self.recipe.layerwise else self._stagewise
         for i, layer in enumerate(self._progress(self.model.layers)):
-            step(i, layer, hidden)
+            step(i, layer.to(self.dtype), hidden)
             self._finish_modules()
         if self._is_target(-1, LM_HEAD):
+            self._upcast_head()
             norm = self.model.norm
             stats = self._gather(lambda sl: norm(hidden[sl]), self.model.lm_head.in_features, b)
             self._compress(-1, None, {LM_HEAD: stats})
             self._finish_modules()
+
+    def _upcast_head(self) -> None:
+        if self._is_target(-1, LM_HEAD):
+            self.model.norm.to(self.dtype)
+            self.model.lm_head.to(self.dtype)
 
     def _finish_modules(self) -> None:
         for parent, attr in self._replaced:

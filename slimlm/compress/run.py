@@ -38,6 +38,11 @@ def scheme_name(scheme: QuantScheme) -> str:
     return f"w{scheme.bits}{acts}{group}{'' if scheme.symmetric else '-asym'}"
 
 
+def _holding_dtype(checkpoint_dtype: str | None) -> str:
+    """The checkpoint's dtype where it is a float type torch holds exactly in float32, else float32."""
+    return checkpoint_dtype if checkpoint_dtype in ("bfloat16", "float16", "float32") else "float32"
+
+
 def compress_checkpoint(
     model: str | Path,
     out_dir: str | Path,
@@ -57,7 +62,8 @@ def compress_checkpoint(
     if not isinstance(recipe, Recipe):
         recipe = recipe(load_config(path))
     calibration = calibration or CalibrationConfig()
-    loaded = load_model(path, dtype="float32", device=device, kernels="torch")
+    # Held in the checkpoint's own dtype; the pipeline upcasts one layer at a time (see _Runner).
+    loaded = load_model(path, dtype=_holding_dtype(load_config(path).torch_dtype), device=device, kernels="torch")
     net = loaded.model
     check_recipe(net, recipe)
     device_type = net.embed_tokens.weight.device.type

@@ -84,3 +84,44 @@ def test_bad_flags(tiny, tmp_path, capsys):
         args = parser.parse_args(["compress", str(tiny), *argv])
         with pytest.raises(ValueError, match=message):
             args.func(args)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    from slimlm.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
+    path = tmp_path_factory.mktemp("compress-bf16") / "tiny"
+    overrides = {**SMALL_SHAPE, "vocab_size": len(tok), "tie_word_embeddings": False}
+    new_model("smollm2-135m", path, num_layers=2, dtype="bfloat16", tokenizer=tok, overrides=overrides)
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "rtn", "--bits", "4", "--group-size", "32"],
+        ["--method", "gptq", "--bits", "4", "--group-size", "32"],
+        ["--method", "awq", "--bits", "4", "--group-size", "32"],
+        ["--method", "smoothquant"],
+    ],
+    ids=["rtn", "gptq", "awq", "smoothquant"],
+)
+def test_a_16_bit_checkpoint_held_in_16_bits_compresses_exactly_as_in_float32(
+    tiny_bf16, tmp_path, capsys, monkeypatch, flags
+):
+    """The compressor holds the model in its checkpoint's dtype and upcasts one layer at a time (peak memory);
+    bf16 -> float32 is exact, so the checkpoint is byte for byte what a float32 load writes."""
+    from safetensors.torch import load_file
+
+    from slimlm.compress import run as compress_run
+
+    calib = ["--calib-tokens", "512", "--calib-seq-len", "64"]
+    held = run(capsys, str(tiny_bf16), *flags, *calib, "--out", str(tmp_path / "held"))
+    assert held["quantized_linears"] > 0
+    monkeypatch.setattr(compress_run, "_holding_dtype", lambda dtype: "float32")
+    run(capsys, str(tiny_bf16), *flags, *calib, "--out", str(tmp_path / "fp32"))
+    a, b = load_file(tmp_path / "held" / "model.safetensors"), load_file(tmp_path / "fp32" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
