@@ -15,21 +15,19 @@ from slimlm.model.quantized_linear import QuantizedLinear
 from tests.conftest import SMALL_SHAPE
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_checkpoint(tmp_path_factory, name: str, dtype: str, **overrides):
     from slimlm.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
-    path = tmp_path_factory.mktemp("compress-cli") / "tiny"
-    new_model(
-        "smollm2-135m",
-        path,
-        num_layers=2,
-        dtype="float32",
-        tokenizer=tok,
-        overrides={**SMALL_SHAPE, "vocab_size": len(tok)},
-    )
+    path = tmp_path_factory.mktemp(name) / "tiny"
+    overrides = {**SMALL_SHAPE, "vocab_size": len(tok), **overrides}
+    new_model("smollm2-135m", path, num_layers=2, dtype=dtype, tokenizer=tok, overrides=overrides)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory, "compress-cli", "float32")
 
 
 def run(capsys, *argv) -> dict:
@@ -88,13 +86,7 @@ def test_bad_flags(tiny, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory):
-    from slimlm.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
-    path = tmp_path_factory.mktemp("compress-bf16") / "tiny"
-    overrides = {**SMALL_SHAPE, "vocab_size": len(tok), "tie_word_embeddings": False}
-    new_model("smollm2-135m", path, num_layers=2, dtype="bfloat16", tokenizer=tok, overrides=overrides)
-    return path
+    return tiny_checkpoint(tmp_path_factory, "compress-bf16", "bfloat16", tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize(
