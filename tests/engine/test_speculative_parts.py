@@ -121,6 +121,29 @@ def test_adaptive_measures_before_deciding_and_probes_while_off():
     assert c.choose(5) == 0  # another batch bucket starts over
 
 
+def test_a_larger_batch_starts_off_where_a_smaller_one_measured_no_gain():
+    # Batch 1 measured: k proposals cost 0.6 plain steps each, acceptance 0.3 -> no k pays.
+    c = _controller(0.3, lambda k: 1.0 + 0.6 * k)
+    assert c.choose(1) in (0, 1) and c.predicted_speedup <= 1.0
+    # Batch 16 has no measurements: it stays off, without probes, while batch 1 says no gain.
+    ks = []
+    for _ in range(8):
+        k = c.choose(16)
+        ks.append(k)
+        c.record_cost(16, k, 2.0 if k == 0 else 2.5)
+    assert ks == [0] * 8
+    # Acceptance rises (measured at batch 1): now batch 1 would gain, and batch 16 explores.
+    c.record_acceptance(planned=100, proposed=100, accepted=100, trials=100)
+    for _ in range(40):
+        c.record_acceptance(planned=100, proposed=100, accepted=100, trials=100)
+    assert c.choose(16) == 4
+    # Where batch 1 gains, batch 16 explores max_k as before.
+    g = _controller(0.8, lambda k: 1.0 + 0.05 * k)
+    assert g.choose(16) == 0
+    g.record_cost(16, 0, 2.0)
+    assert g.choose(16) == 4
+
+
 # ---- Medusa hook -----------------------------------------------------------------------------------------
 
 
