@@ -77,3 +77,14 @@ def hf_checkpoints(tmp_path_factory):
         make_hf_model(arch).save_pretrained(path)
         paths[arch] = path
     return paths
+
+
+def tiny_checkpoint(path, *, num_layers: int = 2, dtype: str = "float32", **overrides):
+    """A test-sized checkpoint of the smollm2-135m architecture at ``path``, with a small trained tokenizer."""
+    from slimlm.data.tokenizer import train_tokenizer
+    from slimlm.model.new_model import new_model
+
+    tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
+    overrides = {**SMALL_SHAPE, "vocab_size": len(tok), **overrides}
+    new_model("smollm2-135m", path, num_layers=num_layers, dtype=dtype, tokenizer=tok, overrides=overrides)
+    return path

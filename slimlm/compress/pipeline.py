@@ -159,7 +159,7 @@ class _Runner:
             step(i, layer.to(self.dtype), hidden)
             self._finish_modules()
         if self._is_target(-1, LM_HEAD):
-            self._upcast_head()
+            self._upcast_head()  # the lm_head's inputs come through the final norm: both in float32
             norm = self.model.norm
             stats = self._gather(lambda sl: norm(hidden[sl]), self.model.lm_head.in_features, b)
             self._compress(-1, None, {LM_HEAD: stats})

@@ -59,11 +59,12 @@ def compress_checkpoint(
 
     start = time.perf_counter()
     path = resolve_model_path(model)
+    config = load_config(path)
     if not isinstance(recipe, Recipe):
-        recipe = recipe(load_config(path))
+        recipe = recipe(config)
     calibration = calibration or CalibrationConfig()
     # Held in the checkpoint's own dtype; the pipeline upcasts one layer at a time (see _Runner).
-    loaded = load_model(path, dtype=_holding_dtype(load_config(path).torch_dtype), device=device, kernels="torch")
+    loaded = load_model(path, dtype=_holding_dtype(config.torch_dtype), device=device, kernels="torch")
     net = loaded.model
     check_recipe(net, recipe)
     device_type = net.embed_tokens.weight.device.type

@@ -7,25 +7,12 @@ import json
 import pytest
 
 from slimlm.cli import main
-from slimlm.model.new_model import new_model
-from tests.conftest import SMALL_SHAPE
+from tests.conftest import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from slimlm.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
-    path = tmp_path_factory.mktemp("cli") / "tiny"
-    new_model(
-        "smollm2-135m",
-        path,
-        num_layers=2,
-        dtype="float32",
-        tokenizer=tok,
-        overrides={**SMALL_SHAPE, "vocab_size": len(tok)},
-    )
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny")
 
 
 def run_json(capsys, *argv) -> dict:
@@ -106,18 +93,7 @@ def test_concurrent_flops_count_prefill_body_head_and_attention():
 
 
 def test_bench_compare_interleaves_models_and_reports_ratios_to_the_first(tiny, tmp_path, capsys):
-    from slimlm.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
-    small = tmp_path / "one-layer"
-    new_model(
-        "smollm2-135m",
-        small,
-        num_layers=1,
-        dtype="float32",
-        tokenizer=tok,
-        overrides={**SMALL_SHAPE, "vocab_size": len(tok)},
-    )
+    small = tiny_checkpoint(tmp_path / "one-layer", num_layers=1)
     r = run_json(
         capsys,
         "bench",

@@ -10,24 +10,13 @@ import torch
 
 from slimlm.compress.cli import register
 from slimlm.model.loader import load_model
-from slimlm.model.new_model import new_model
 from slimlm.model.quantized_linear import QuantizedLinear
-from tests.conftest import SMALL_SHAPE
-
-
-def tiny_checkpoint(tmp_path_factory, name: str, dtype: str, **overrides):
-    from slimlm.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(["def f(x):\n    return x * 2\n" * 200], vocab_size=300)
-    path = tmp_path_factory.mktemp(name) / "tiny"
-    overrides = {**SMALL_SHAPE, "vocab_size": len(tok), **overrides}
-    new_model("smollm2-135m", path, num_layers=2, dtype=dtype, tokenizer=tok, overrides=overrides)
-    return path
+from tests.conftest import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory, "compress-cli", "float32")
+    return tiny_checkpoint(tmp_path_factory.mktemp("compress-cli") / "tiny")
 
 
 def run(capsys, *argv) -> dict:
@@ -86,7 +75,9 @@ def test_bad_flags(tiny, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory, "compress-bf16", "bfloat16", tie_word_embeddings=False)
+    return tiny_checkpoint(
+        tmp_path_factory.mktemp("compress-bf16") / "tiny", dtype="bfloat16", tie_word_embeddings=False
+    )
 
 
 @pytest.mark.parametrize(

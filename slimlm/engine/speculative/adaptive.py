@@ -147,7 +147,6 @@ class AdaptiveController:
             return 0  # measure the plain step first
         fit = self._fit(b)
         a = self.acceptance
-        phase = n % self.probe_interval
         if fit is None or a is None:
             if self._pays_not_below(b):
                 # Off, without probes: a probe here costs a catch-up prefill per sequence; the smaller bucket's
@@ -156,6 +155,7 @@ class AdaptiveController:
             return self.max_k  # explore
         best_k, best = self._best(fit, a)
         self.predicted_speedup = best
+        phase = n % self.probe_interval
         if best <= self.min_speedup:
             return 1 if phase in (0, 1) and n > 1 else 0
         if phase == 0:
@@ -181,11 +181,8 @@ class AdaptiveController:
         a = self.acceptance
         if a is None:
             return False
-        for smaller in self._plain:
-            fit = self._fit(smaller) if smaller < b else None
-            if fit is not None and fit[0] > 0 and self._best(fit, a)[1] <= self.min_speedup:
-                return True
-        return False
+        fits = (self._fit(smaller) for smaller in self._plain if smaller < b)
+        return any(fit is not None and fit[0] > 0 and self._best(fit, a)[1] <= self.min_speedup for fit in fits)
 
 
 def _second(pair: tuple[int, float]) -> float:
