@@ -186,3 +186,21 @@ def test_same_bits_for_any_thread_count(mod):
             assert torch.equal(one, two)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 6, 7, 11, 23])
+@pytest.mark.parametrize("K", [31, 203, 577])
+@pytest.mark.parametrize("wdt", [torch.bfloat16, torch.float32], ids=["wbf16", "wf32"])
+def test_256_bit_build_matches_too(mod, M, K, wdt):
+    """The streaming kernel exists at two widths (512-bit where the CPU has AVX-512, else 256-bit) with
+    different x packing, register blocking and M remainders: the forced 256-bit build is checked on the
+    shapes the default build is, so a CPU without AVX-512 runs tested code. On a CPU without AVX-512
+    both builds are the 256-bit kernel."""
+    avx2 = cpu_linear.load({"SLIMLM_LINEAR_AVX512": 0})
+    assert avx2.config()["avx512"] is False
+    g = torch.Generator().manual_seed(M * 31 + K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = (torch.randn(53, K, generator=g) / K**0.5).to(wdt)
+    b = torch.randn(53, generator=g)
+    for m in (mod, avx2):
+        _check(m.linear_path(x, w, b, 1), x, w, b)

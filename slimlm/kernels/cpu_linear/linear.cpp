@@ -1,12 +1,12 @@
 // CPU linear: y = x @ W.T + b for bf16 or fp32 weights, fast at every batch size.
 //
-// Small M (decode): a hand-written AVX2/FMA kernel that streams W exactly once from memory.
+// Small M (decode): a hand-written AVX-512 (or AVX2/FMA) kernel that streams W exactly once from memory.
 //   x is converted to fp32 once into a small zero-padded buffer that stays in cache; threads
 //   claim tasks of up to 256 KB of W rows dynamically; a task is read as R (8 at M=1) long
 //   contiguous streams, and each block of R rows meets all M rows of x while it sits in L1/L2.
-//   bf16 -> fp32 is free of shuffles: one 256-bit load of 16 bf16 values is split into the
-//   even-index values (shift left 16) and the odd-index values (and 0xFFFF0000); x is packed
-//   in the matching "8 even, 8 odd" order per 16-element block, so no lane permutes are needed.
+//   bf16 -> fp32 is free of shuffles: one 512-bit (256-bit) load of 32 (16) bf16 values is split into
+//   the even-index values (shift left 16) and the odd-index values (and 0xFFFF0000); x is packed in
+//   the matching "even half, odd half" order per block, so no lane permutes are needed.
 // Large M (prefill): each thread converts its W rows in chunks into a reused fp32 scratch
 //   buffer and calls the fp32 GEMM (MKL via at::cpu::addmm_out / mm_out) on each chunk, so
 //   bf16 weights run at close to fp32 GEMM speed while only bf16 bytes live in memory.
@@ -70,35 +70,76 @@ static int64_t small_max(at::ScalarType wt, int64_t K) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loading 16 K-elements of one W row as two fp32 vectors (lo, hi).
+// The streaming kernel's vector width. With AVX-512 (F + BW + DQ) one step covers KB = 32 K-elements in
+// 512-bit registers, otherwise KB = 16 in 256-bit ones. Measured on a 2-core Ice Lake VM: 512-bit FMAs
+// run at 176 GFLOP/s per core against 110 for 256-bit ones, so the compute-bound M >= 2 shapes gain and
+// M = 1 stays bound by memory. SLIMLM_LINEAR_AVX512=0 forces the 256-bit kernel (tests compare both).
+#ifndef SLIMLM_LINEAR_AVX512
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define SLIMLM_LINEAR_AVX512 1
+#else
+#define SLIMLM_LINEAR_AVX512 0
+#endif
+#endif
+
+#if SLIMLM_LINEAR_AVX512
+using VF = __m512;
+constexpr int KB = 32;
+static inline VF vzero() { return _mm512_setzero_ps(); }
+static inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline VF vfmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+static inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+static inline __m256 vhalf(VF a) {  // 16 lanes -> 8 lanes whose sum is the same
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+#else
+using VF = __m256;
+constexpr int KB = 16;
+static inline VF vzero() { return _mm256_setzero_ps(); }
+static inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline VF vfmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+static inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+static inline __m256 vhalf(VF a) { return a; }
+#endif
+constexpr int VW = KB / 2;  // fp32 lanes per vector
+
+// Loading KB K-elements of one W row as two fp32 vectors (lo, hi).
 //   bf16: lo = even-index elements, hi = odd-index elements (x is packed to match).
-//   fp32: lo = elements 0..7, hi = elements 8..15 (x packed in natural order).
+//   fp32: lo = elements 0..VW-1, hi = elements VW..KB-1 (x packed in natural order).
 struct LoadBf16 {
   using T = uint16_t;
-  static inline void load16(const T* p, __m256& lo, __m256& hi) {
+  static inline void load(const T* p, VF& lo, VF& hi) {
+#if SLIMLM_LINEAR_AVX512
+    const __m512i v = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#else
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#endif
   }
 };
 
 struct LoadF32 {
   using T = float;
-  static inline void load16(const T* p, __m256& lo, __m256& hi) {
-    lo = _mm256_loadu_ps(p);
-    hi = _mm256_loadu_ps(p + 8);
+  static inline void load(const T* p, VF& lo, VF& hi) {
+    lo = vload(p);
+    hi = vload(p + VW);
   }
 };
 
 // Sums of 4 vectors -> 4 floats.
-static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+static inline __m128 hsum4(VF a4, VF b4, VF c4, VF d4) {
+  const __m256 a = vhalf(a4), b = vhalf(b4), c = vhalf(c4), d = vhalf(d4);
   const __m256 ab = _mm256_hadd_ps(a, b);  // a01 a23 b01 b23 | a45 a67 b45 b67
   const __m256 cd = _mm256_hadd_ps(c, d);
   const __m256 abcd = _mm256_hadd_ps(ab, cd);  // a0123 b0123 c0123 d0123 | a4567 ...
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-static inline float hsum1(__m256 a) {
+static inline float hsum1(VF a4) {
+  const __m256 a = vhalf(a4);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -106,57 +147,75 @@ static inline float hsum1(__m256 a) {
 }
 
 // R rows of W (row r at w + r * rs) x MB rows of packed x (xf, row stride ldx, zero padded to a
-// multiple of 16) -> res[m * R + r]. When there are few accumulators, even and odd halves get
+// multiple of KB) -> res[m * R + r]. When there are few accumulators, even and odd halves get
 // separate accumulators so that enough independent FMA chains are in flight.
 template <class L, int R, int MB>
 static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64_t rs,
                              const float* __restrict xf, int64_t ldx, float* __restrict res) {
   constexpr bool kSplit = R * MB < 8;
   constexpr int A = kSplit ? 2 : 1;
-  __m256 acc[MB][R][A];
+  VF acc[MB][R][A];
 #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm256_setzero_ps();
+      for (int a = 0; a < A; ++a) acc[m][r][a] = vzero();
 
-  const int64_t K16 = K & ~int64_t(15);
+  const int64_t Kfull = K & ~int64_t(KB - 1);
   auto step = [&](const typename L::T* const* rows, int64_t k, int64_t xk) {
+#if SLIMLM_LINEAR_AVX512
+    // 32 registers hold all R rows' W halves: each x vector is loaded once per step, not R times
+    // (with x reloaded per row, loads outnumbered FMAs and capped M >= 4 at ~115 GFLOP/s).
+    VF wlo[R], whi[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) L::load(rows[r] + k, wlo[r], whi[r]);
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      const float* xp = xf + m * ldx + xk;
+      const VF xlo = vload(xp), xhi = vload(xp + VW);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        acc[m][r][0] = vfmadd(wlo[r], xlo, acc[m][r][0]);
+        acc[m][r][A - 1] = vfmadd(whi[r], xhi, acc[m][r][A - 1]);
+      }
+    }
+#else
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      __m256 lo, hi;
-      L::load16(rows[r] + k, lo, hi);
+      VF lo, hi;
+      L::load(rows[r] + k, lo, hi);
 #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
         const float* xp = xf + m * ldx + xk;
-        acc[m][r][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp), acc[m][r][0]);
-        acc[m][r][A - 1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp + 8), acc[m][r][A - 1]);
+        acc[m][r][0] = vfmadd(lo, vload(xp), acc[m][r][0]);
+        acc[m][r][A - 1] = vfmadd(hi, vload(xp + VW), acc[m][r][A - 1]);
       }
     }
+#endif
   };
   const typename L::T* rows[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) rows[r] = w + r * rs;
-  for (int64_t k = 0; k < K16; k += 16) step(rows, k, k);
-  if (K16 < K) {
-    // Tail: copy the last K % 16 elements of each row into zeroed buffers (never read past
+  for (int64_t k = 0; k < Kfull; k += KB) step(rows, k, k);
+  if (Kfull < K) {
+    // Tail: copy the last K % KB elements of each row into zeroed buffers (never read past
     // the row: the next row may hold Inf/NaN and the last row ends the allocation).
-    alignas(32) typename L::T tail[R][16];
+    alignas(64) typename L::T tail[R][KB];
     std::memset(tail, 0, sizeof(tail));
     const typename L::T* trows[R];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      std::memcpy(tail[r], rows[r] + K16, (K - K16) * sizeof(typename L::T));
+      std::memcpy(tail[r], rows[r] + Kfull, (K - Kfull) * sizeof(typename L::T));
       trows[r] = tail[r];
     }
-    step(trows, 0, K16);
+    step(trows, 0, Kfull);
   }
   if constexpr (kSplit) {
 #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[m][r][0] = _mm256_add_ps(acc[m][r][0], acc[m][r][A - 1]);
+      for (int r = 0; r < R; ++r) acc[m][r][0] = vadd(acc[m][r][0], acc[m][r][A - 1]);
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) {
@@ -168,6 +227,16 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) res[m * R + r] = hsum1(acc[m][r][0]);
     }
+  }
+}
+
+// block_dot for a run-time number of x rows 1 <= mb <= MB.
+template <class L, int R, int MB>
+static inline void block_dot_rem(int mb, const typename L::T* w, int64_t K, int64_t rs, const float* xf,
+                                 int64_t ldx, float* res) {
+  if constexpr (MB >= 1) {
+    if (mb == MB) return block_dot<L, R, MB>(w, K, rs, xf, ldx, res);
+    block_dot_rem<L, R, MB - 1>(mb, w, K, rs, xf, ldx, res);
   }
 }
 
@@ -210,15 +279,7 @@ static void small_range(const typename L::T* w, int64_t K, const float* xf, int6
     }
     const int64_t rem = M - m0;
     if (rem > 0) {
-      if constexpr (MBMAX > 3) {
-        if (rem == 3) block_dot<L, R, 3>(wb, K, rs, xf + m0 * ldx, ldx, res);
-      }
-      if constexpr (MBMAX > 2) {
-        if (rem == 2) block_dot<L, R, 2>(wb, K, rs, xf + m0 * ldx, ldx, res);
-      }
-      if constexpr (MBMAX > 1) {
-        if (rem == 1) block_dot<L, R, 1>(wb, K, rs, xf + m0 * ldx, ldx, res);
-      }
+      block_dot_rem<L, R, MBMAX - 1>(static_cast<int>(rem), wb, K, rs, xf + m0 * ldx, ldx, res);
       emit(R, static_cast<int>(rem), m0, n0 + j, J);
     }
   }
@@ -233,7 +294,24 @@ static void small_range(const typename L::T* w, int64_t K, const float* xf, int6
 
 // Register blocking by M (measured, single thread, K=2048, W in L3): M=1: 8 W rows per block
 // (memory bound; 8 accumulator chains, 8 row streams); M=2,3: 4 rows x up to 3 x rows; M>=4:
-// 3 rows x 4 x rows (12 accumulators, ~70 GFLOP/s per Zen 3 core for bf16 and fp32 W).
+// 256-bit: 3 rows x 4 x rows (12 accumulators, ~70 GFLOP/s per Zen 3 core for bf16 and fp32 W);
+// 512-bit (32 registers): SLIMLM_BLOCK_R rows x SLIMLM_BLOCK_MB x rows.
+#if SLIMLM_LINEAR_AVX512
+#ifndef SLIMLM_BLOCK_R
+#define SLIMLM_BLOCK_R 4
+#endif
+#ifndef SLIMLM_BLOCK_MB
+#define SLIMLM_BLOCK_MB 5
+#endif
+#else
+#ifndef SLIMLM_BLOCK_R
+#define SLIMLM_BLOCK_R 3
+#endif
+#ifndef SLIMLM_BLOCK_MB
+#define SLIMLM_BLOCK_MB 4
+#endif
+#endif
+
 template <class L, class OutT>
 static void small_dispatch(const typename L::T* w, int64_t K, const float* xf, int64_t ldx, int64_t M,
                            const float* bias, OutT* out, int64_t ldo, int64_t n0, int64_t n1) {
@@ -242,13 +320,13 @@ static void small_dispatch(const typename L::T* w, int64_t K, const float* xf, i
   else if (M <= 3)
     small_range<L, 4, 3>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
   else
-    small_range<L, 3, 4>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
+    small_range<L, SLIMLM_BLOCK_R, SLIMLM_BLOCK_MB>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
 }
 
-static int rows_per_block(int64_t M) { return M == 1 ? 8 : (M <= 3 ? 4 : 3); }
+static int rows_per_block(int64_t M) { return M == 1 ? 8 : (M <= 3 ? 4 : SLIMLM_BLOCK_R); }
 
 // x [M, K] (row stride sx, unit column stride) -> fp32 [M, Kp] (row stride ldx) zero padded; `pair_order`
-// packs each 16-block as its 8 even-index elements followed by its 8 odd-index ones.
+// packs each KB-block as its KB/2 even-index elements followed by its KB/2 odd-index ones.
 template <class XT>
 static void pack_x(const XT* x, int64_t sx, int64_t M, int64_t K, int64_t Kp, int64_t ldx, bool pair_order,
                    float* dst) {
@@ -259,9 +337,9 @@ static void pack_x(const XT* x, int64_t sx, int64_t M, int64_t K, int64_t Kp, in
       for (int64_t k = 0; k < K; ++k) d[k] = static_cast<float>(xr[k]);
       for (int64_t k = K; k < Kp; ++k) d[k] = 0.f;
     } else {
-      for (int64_t b = 0; b < Kp; b += 16)
-        for (int j = 0; j < 16; ++j) {
-          const int64_t k = b + 2 * (j & 7) + (j >> 3);
+      for (int64_t b = 0; b < Kp; b += KB)
+        for (int j = 0; j < KB; ++j) {
+          const int64_t k = b + 2 * (j % VW) + j / VW;
           d[b + j] = k < K ? static_cast<float>(xr[k]) : 0.f;
         }
     }
@@ -287,7 +365,7 @@ static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
 static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const bool wbf16 = w.scalar_type() == at::kBFloat16;
-  const int64_t Kp = (K + 15) & ~int64_t(15);
+  const int64_t Kp = (K + KB - 1) & ~int64_t(KB - 1);
   const int64_t ldx = Kp;
   // The packed x lives in a per-thread buffer reused across calls (no page faults per call),
   // 64-byte aligned: unaligned x rows (malloc gives 16) make half the 32-byte x loads straddle
@@ -467,6 +545,9 @@ py::dict config() {
   d["small_max_f32_short_k"] = SLIMLM_SMALL_MAX_F32_SHORT_K;
   d["small_max_f32_long_k"] = SLIMLM_SMALL_MAX_F32_LONG_K;
   d["chunk_rows"] = g_chunk_rows;
+  d["avx512"] = SLIMLM_LINEAR_AVX512 != 0;
+  d["block_r"] = SLIMLM_BLOCK_R;
+  d["block_mb"] = SLIMLM_BLOCK_MB;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
