@@ -204,3 +204,35 @@ def test_256_bit_build_matches_too(mod, M, K, wdt):
     b = torch.randn(53, generator=g)
     for m in (mod, avx2):
         _check(m.linear_path(x, w, b, 1), x, w, b)
+
+
+def test_releases_the_gil_while_it_runs(mod):
+    """The server's event loop thread must run while the engine thread is inside a kernel. A kernel holding
+    the GIL would let no bytecode of another thread run between the call's start and its return."""
+    import threading
+    import time
+
+    w = torch.randn(8192, 4096).bfloat16()
+    x = torch.randn(64, 4096)
+    done = threading.Event()
+    started = threading.Event()
+    stamps = []
+
+    def count():
+        started.set()
+        while not done.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0)
+
+    t = threading.Thread(target=count)
+    t.start()
+    started.wait()
+    t0 = time.perf_counter()
+    mod.linear_path(x, w, None, 1)  # ~4 GFLOP: tens of milliseconds
+    t1 = time.perf_counter()
+    done.set()
+    t.join()
+    # Holding the GIL, the counter could stamp once at most, as the call returns (its sleep(0) hands the GIL
+    # straight back); released, it stamps all through the call.
+    assert t1 - t0 > 0.005
+    assert sum(t0 < s < t1 for s in stamps) > 20

@@ -561,10 +561,12 @@ py::dict config() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The GIL is released while the kernel runs: in the server the event loop's thread formats and sends
+  // the streamed tokens meanwhile, instead of waiting for the engine thread's next Python bytecode.
   m.def("linear", &linear, "y = x @ W.T + b (x fp32/bf16, W bf16/fp32, fp32 math, output in x's dtype)",
-        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("linear_path", &linear_path, "linear with a forced path: 0 auto, 1 streaming kernel, 2 GEMM",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("path"));
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("path"), py::call_guard<py::gil_scoped_release>());
   m.def("read_probe", &read_probe, "benchmark helper: read a contiguous tensor with all threads, returns bytes read");
   m.def("set_chunk_rows", &set_chunk_rows, "benchmark helper: W rows per chunk on the GEMM path");
   m.def("config", &config, "compile-time constants of this build");

@@ -463,8 +463,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "__call__", [](const QLinear& L, const at::Tensor& x, const c10::optional<at::Tensor>& b) {
             return forward(L, x, b, 0);
           },
-          py::arg("x"), py::arg("bias") = py::none())
-      .def("forward_path", &forward, py::arg("x"), py::arg("bias"), py::arg("path"))
+          // The GIL is released while the kernel runs (the server's event loop thread works meanwhile).
+          py::arg("x"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def("forward_path", &forward, py::arg("x"), py::arg("bias"), py::arg("path"),
+           py::call_guard<py::gil_scoped_release>())
       // Copies share the (read-only) packed tensors, so modules holding a kernel can be deep-copied.
       .def("__copy__", [](const QLinear& L) { return L; })
       .def("__deepcopy__", [](const QLinear& L, py::dict) { return L; }, py::arg("memo"))
