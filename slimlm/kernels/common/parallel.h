@@ -13,10 +13,14 @@
 #ifndef SLIMLM_SERIAL_BACKOFF
 #define SLIMLM_SERIAL_BACKOFF 128
 #endif
+#ifndef SLIMLM_SERIAL_BACKOFF_MIN
+#define SLIMLM_SERIAL_BACKOFF_MIN 8
+#endif
 
 namespace slimlm_kernels {
 
 inline std::atomic<int> g_serial_left{0};
+inline std::atomic<int> g_backoff{SLIMLM_SERIAL_BACKOFF_MIN};
 inline std::atomic<int64_t> g_late_events{0};
 
 // Runs f(c) for c in [0, n) on up to get_num_threads() threads that claim items dynamically, so a
@@ -26,10 +30,16 @@ inline std::atomic<int64_t> g_late_events{0};
 // scheduler slices, measured 8-12 ms per call against 0.3 ms of work on the 2-core VM: a worker starts
 // late and the caller waits at the barrier, or a spinning worker pushes the caller off its core. When a
 // call's wall time exceeds twice the CPU time its threads spent on the items (what the caller alone would
-// need with half a core) plus 100 us, the next SLIMLM_SERIAL_BACKOFF calls run on the caller alone (no
-// OpenMP region, no spinning worker), then threads are tried again. Threads that merely share their cores
-// (both progressing at half speed: wall ~ CPU time) keep running in parallel; on an idle machine nothing
-// changes.
+// need with half a core) plus 100 us, the next calls run on the caller alone (no OpenMP region, no spinning
+// worker), then threads are tried again. Threads that merely share their cores (both progressing at half
+// speed: wall ~ CPU time) keep running in parallel; on an idle machine nothing changes.
+// How many calls go serial adapts (exponential backoff): it starts at SLIMLM_SERIAL_BACKOFF_MIN, doubles
+// after each late parallel call up to SLIMLM_SERIAL_BACKOFF, and halves after each timely one. A process
+// busy all the time makes nearly every retry late, so the backoff climbs to the maximum; a light, bursty
+// neighbour (a server's event loop thread: ~10-25% of a core) only costs a few serial calls at a time.
+// Measured on the 2-core VM, py-target at 16 concurrent sequences (offline engine, output tok/s): with a
+// process burning 2 ms of every 12, a fixed backoff of 128 calls gave 1055, none 1331; with a process
+// busy all the time, 128 gave 439, none 324.
 // CPU time of the calling thread: unlike wall time it excludes the time the thread was descheduled.
 inline int64_t thread_cpu_ns() {
   timespec ts;
@@ -59,9 +69,13 @@ void parallel_dynamic(int64_t n, const F& f, bool adaptive) {
   });
   if (adaptive && SLIMLM_SERIAL_BACKOFF > 0) {
     const int64_t wall = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
+    const int backoff = g_backoff.load(std::memory_order_relaxed);
     if (wall > 2 * busy_ns.load() + 100000) {
       g_late_events.fetch_add(1, std::memory_order_relaxed);
-      g_serial_left.store(SLIMLM_SERIAL_BACKOFF, std::memory_order_relaxed);
+      g_serial_left.store(backoff, std::memory_order_relaxed);
+      g_backoff.store(std::min(2 * backoff, SLIMLM_SERIAL_BACKOFF), std::memory_order_relaxed);
+    } else if (backoff > SLIMLM_SERIAL_BACKOFF_MIN) {
+      g_backoff.store(std::max(backoff / 2, SLIMLM_SERIAL_BACKOFF_MIN), std::memory_order_relaxed);
     }
   }
 }

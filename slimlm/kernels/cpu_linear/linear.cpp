@@ -549,6 +549,7 @@ py::dict config() {
   d["block_r"] = SLIMLM_BLOCK_R;
   d["block_mb"] = SLIMLM_BLOCK_MB;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
+  d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
   d["native_bf16_gemm"] = true;

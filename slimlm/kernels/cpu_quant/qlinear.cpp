@@ -448,6 +448,7 @@ py::dict config() {
   d["vnni"] = bool(SLIMLM_QUANT_VNNI);
   d["chunk_rows"] = g_chunk_rows;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
+  d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
   return d;
 }
