@@ -115,6 +115,22 @@ def make_prompts(config: ServeBenchConfig, tokenizer) -> list[list[int]]:
 # ---- requests --------------------------------------------------------------------------------------------
 
 
+async def _sse_data(response):
+    """The ``data:`` payloads of a server-sent event stream, up to ``[DONE]``. Events end with a blank line;
+    one read may hold several events, or part of one."""
+    buffer = b""
+    async for piece in response.content.iter_any():
+        buffer += piece
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: "):
+                continue
+            data = event[len(b"data: ") :]
+            if data == b"[DONE]":
+                return
+            yield data
+
+
 async def _one_request(session, url: str, body: dict, result: RequestResult) -> RequestResult:
     start = time.perf_counter()
     last = start
@@ -123,36 +139,20 @@ async def _one_request(session, url: str, body: dict, result: RequestResult) -> 
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
-            # SSE events end with a blank line; a read may hold several events, or part of one.
-            buffer = b""
-            async for piece in response.content.iter_any():
-                buffer += piece
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    if not event.startswith(b"data: "):
-                        continue
-                    data = event[len(b"data: ") :]
-                    if data == b"[DONE]":
-                        break
-                    # Token chunks are only timed: full JSON parsing is kept for the chunks that carry an
-                    # error or the usage, so the client's CPU (taken from the server's cores) stays small.
-                    if b'"error"' in data or b'"usage":{' in data:
-                        chunk = json.loads(data)
-                        if "error" in chunk:
-                            result.error = chunk["error"].get("message", "error")
-                            return result
-                        if chunk.get("usage"):
-                            result.output_tokens = chunk["usage"]["completion_tokens"]
-                        has_token = bool(chunk.get("choices"))
+            async for data in _sse_data(response):
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", "error")
+                    return result
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    now = time.perf_counter()
+                    if result.ttft == 0.0:
+                        result.ttft = now - start
                     else:
-                        has_token = b'"choices":[{' in data
-                    if has_token:
-                        now = time.perf_counter()
-                        if result.ttft == 0.0:
-                            result.ttft = now - start
-                        else:
-                            result.itl.append(now - last)
-                        last = now
+                        result.itl.append(now - last)
+                    last = now
         result.latency = last - start
         result.ok = result.ttft > 0
         if not result.ok:
@@ -170,9 +170,8 @@ def _arrival_gaps(config: ServeBenchConfig) -> list[float]:
 
 
 async def _run(config: ServeBenchConfig, prompts: list[list[int]], model: str, headers: dict) -> tuple:
-    # aiohttp rather than httpx: the client shares this machine's cores with the server, and per streamed
-    # chunk aiohttp costs a fraction of httpx's CPU (measured: httpx took 0.75 ms of CPU per chunk, 57% of a
-    # core at 16 streams of py-target), which the server-vs-offline ratio would otherwise pay.
+    # aiohttp (as vLLM's serving benchmark uses): the client usually shares the machine's cores with the
+    # server, so it should cost little per streamed chunk; the report gives its CPU time.
     import aiohttp
     from tqdm.auto import tqdm
 

@@ -37,9 +37,9 @@ inline std::atomic<int64_t> g_late_events{0};
 // after each late parallel call up to SLIMLM_SERIAL_BACKOFF, and halves after each timely one. A process
 // busy all the time makes nearly every retry late, so the backoff climbs to the maximum; a light, bursty
 // neighbour (a server's event loop thread: ~10-25% of a core) only costs a few serial calls at a time.
-// Measured on the 2-core VM, py-target at 16 concurrent sequences (offline engine, output tok/s): with a
-// process burning 2 ms of every 12, a fixed backoff of 128 calls gave 1055, none 1331; with a process
-// busy all the time, 128 gave 439, none 324.
+// Measured on the 2-core VM, py-target at 16 concurrent sequences (offline engine, output tok/s, medians of
+// 3 interleaved rounds): with a process burning 2 ms of every 12, this backoff 1192, a fixed 128 calls 950,
+// no fallback 1069; with a process busy all the time, 363, 385 and 312.
 // CPU time of the calling thread: unlike wall time it excludes the time the thread was descheduled.
 inline int64_t thread_cpu_ns() {
   timespec ts;
