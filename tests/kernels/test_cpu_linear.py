@@ -105,6 +105,63 @@ def test_strided_x_view(mod, M, wdt, xdt):
     _check(mod.linear(x, w, b), x, w, b)
 
 
+PACKED_CASES = [
+    # (M, K, N): every panel width (1-4 vectors, a partial last panel), K blocks (KC 256-1024 by
+    # width), N groups with a short last one, M blocks of 256 rows.
+    (1, 100, 33),
+    (5, 577, 25),
+    (16, 64, 24),
+    (17, 1100, 13),
+    (31, 577, 67),
+    (32, 576, 960),
+    (33, 203, 8),
+    (48, 1536, 50),
+    (49, 7, 6),
+    (64, 2100, 37),
+    (65, 577, 257),
+    (100, 100, 1),
+    (257, 300, 19),
+    (600, 577, 30),
+]
+
+
+@pytest.mark.parametrize("M,K,N", PACKED_CASES)
+@pytest.mark.parametrize("wdt", [torch.bfloat16, torch.float32], ids=["wbf16", "wf32"])
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32], ids=["xbf16", "xf32"])
+def test_packed_gemm_path(mod, M, K, N, wdt, xdt):
+    """The packed AVX-512 GEMM (path 3) on ragged shapes, with and without bias, strided x."""
+    if not mod.config()["avx512"]:
+        with pytest.raises(RuntimeError, match="AVX-512"):
+            mod.linear_path(torch.randn(M, K), torch.randn(N, K), None, 3)
+        return
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N)
+    x = torch.randn(M, K + 3, generator=g).to(xdt)[:, 1 : K + 1]
+    w = torch.randn(N, K, generator=g).to(wdt)
+    b = torch.randn(N, generator=g)
+    _check(mod.linear_path(x, w, b, 3), x, w, b)
+    _check(mod.linear_path(x, w, None, 3), x, w, None)
+
+
+def test_packed_gemm_keeps_nan_and_rounds_like_torch(mod):
+    """NaN and Inf propagate; the bf16 output is torch's round-to-nearest-even of the fp32 result."""
+    if not mod.config()["avx512"]:
+        with pytest.raises(RuntimeError, match="AVX-512"):
+            mod.linear_path(torch.randn(4, 8), torch.randn(4, 8), None, 3)
+        return
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 64, generator=g)
+    w = torch.randn(20, 64, generator=g)
+    w[3, 5] = float("nan")
+    w[7, 9] = float("inf")
+    y32 = mod.linear_path(x, w, None, 3)
+    assert y32[:, 3].isnan().all() and not y32[:, 2].isnan().any()
+    y16 = mod.linear_path(x.bfloat16(), w, None, 3)
+    assert torch.equal(y16.isnan(), mod.linear_path(x.bfloat16().float(), w, None, 3).isnan())
+    finite = y16.isfinite()
+    ref = mod.linear_path(x.bfloat16().float(), w, None, 3).bfloat16()
+    assert torch.equal(y16[finite], ref[finite])
+
+
 def test_leading_dims_and_1d(mod):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(11, 40, generator=g).bfloat16()
@@ -133,6 +190,8 @@ def test_tail_never_reads_past_the_weights(mod):
             for M in (1, 2, 5, 40):
                 x = torch.randn(M, K)
                 _check(mod.linear(x, w, None), x, w, None)
+                if mod.config()["avx512"]:
+                    _check(mod.linear_path(x, w, None, 3), x, w, None)
 
 
 def test_agrees_with_torch_linear(mod):
@@ -177,7 +236,7 @@ def test_same_bits_for_any_thread_count(mod):
     b = torch.randn(1001, generator=g)
     threads = torch.get_num_threads()
     try:
-        for M in (1, 3, 8):
+        for M in (1, 3, 8, 32, 100):  # streaming kernel, packed GEMM
             x = torch.randn(M, 577, generator=g)
             torch.set_num_threads(1)
             one = mod.linear(x, w, b)

@@ -3,7 +3,8 @@
 ``y = x @ w.T + bias`` with ``x`` [..., K] float32 or bfloat16 (any row stride; last dim unit
 stride or it is copied), ``w`` [N, K] bfloat16 or float32, ``bias`` [N] or None; fp32 math and
 an output in ``x``'s dtype. Inference only (no autograd). Small M streams W once through a
-hand-written AVX2/FMA kernel; large M converts W to fp32 in chunks and runs sgemm on them.
+hand-written AVX-512 (or AVX2/FMA) kernel; on AVX-512 CPUs middle M (batched decode) runs a packed
+outer-product GEMM (``packed_gemm.h``); large M converts W to fp32 in chunks and runs sgemm on them.
 
 The extension is compiled on first use (``-O3 -march=native -fopenmp``, ~25 s) and cached under
 ``<cache>/kernels/cpu_linear-<hash>`` by ``slimlm.kernels.build`` (the hash covers the source, the torch
@@ -12,7 +13,8 @@ and Python versions, the compiler flags and the CPU's flags); later processes im
 
 - ``linear(x, weight, bias=None)``: the op; streaming kernel for M up to a measured crossover
   (``config()``), fp32-chunk + sgemm path above it.
-- ``linear_path(x, weight, bias, path)``: 1 forces the streaming kernel, 2 the GEMM path (tests).
+- ``linear_path(x, weight, bias, path)``: 1 forces the streaming kernel, 2 the sgemm path, 3 the
+  packed GEMM (AVX-512 builds; elsewhere an error) (tests).
 - ``config()``: the crossovers and tuning constants of this build.
 - ``read_probe(t)``, ``set_chunk_rows(n)``: benchmark helpers.
 """
@@ -26,7 +28,7 @@ from slimlm.kernels import build
 from slimlm.kernels.build import cpu_flags
 
 _SRC = Path(__file__).with_name("linear.cpp")
-_DEPENDS = (Path(__file__).parent.parent / "common" / "parallel.h",)
+_DEPENDS = (Path(__file__).parent.parent / "common" / "parallel.h", Path(__file__).with_name("packed_gemm.h"))
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()

@@ -7,6 +7,8 @@
 //   bf16 -> fp32 is free of shuffles: one 512-bit (256-bit) load of 32 (16) bf16 values is split into
 //   the even-index values (shift left 16) and the odd-index values (and 0xFFFF0000); x is packed in
 //   the matching "even half, odd half" order per block, so no lane permutes are needed.
+// Middle M with AVX-512 (batched decode, speculative verification of many sequences, short prefills):
+//   the packed outer-product GEMM of packed_gemm.h.
 // Large M (prefill): each thread converts its W rows in chunks into a reused fp32 scratch
 //   buffer and calls the fp32 GEMM (MKL via at::cpu::addmm_out / mm_out) on each chunk, so
 //   bf16 weights run at close to fp32 GEMM speed while only bf16 bytes live in memory.
@@ -30,6 +32,7 @@
 #include <immintrin.h>
 
 #include "../common/parallel.h"
+#include "packed_gemm.h"
 
 #include <algorithm>
 #include <atomic>
@@ -44,12 +47,37 @@
 
 namespace {
 
+// The vector width of the streaming kernel and whether the packed GEMM exists (see below).
+#ifndef SLIMLM_LINEAR_AVX512
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define SLIMLM_LINEAR_AVX512 1
+#else
+#define SLIMLM_LINEAR_AVX512 0
+#endif
+#endif
+
 // Largest M served by the streaming kernel (above it: convert-chunks + sgemm), by W dtype and
 // K. Measured on a 2-core Zen 3 VM (AVX2, 2 threads, cold W, p10 of interleaved runs):
 //   bf16 W: K=576 streaming = GEMM path at M=48, GEMM ahead at 64; K=2048 streaming ahead at 96,
 //           behind at 128; K=5632 equal at 128, behind at 192.
 //   fp32 W (GEMM path = MKL sgemm): K=576 equal at 128-192, MKL ahead at 256; K=2048 streaming
 //           ahead at 192, behind at 256.
+// With AVX-512 the packed GEMM (packed_gemm.h) takes bf16 W from M = 29 to SLIMLM_PACKED_MAX_M. Measured on
+// the 2-core Ice Lake VM (whole-layer linears, interleaved medians, GFLOP/s, stream / packed / convert + MKL):
+//   smollm2 (K 576-1536): M=24 160/130/75, M=32 163/174/96, M=64 165/215/126, M=128 170/214/169,
+//                         M=512 -/206/220, M=1024 -/153-165/169-172, M=2048 -/169-199/178-211;
+//   tinyllama (K 2048-5632): M=24 155/121/74, M=32 162/166/94, M=64 181/242/148, M=512 -/221/209.
+#if SLIMLM_LINEAR_AVX512
+#ifndef SLIMLM_SMALL_MAX_BF16_SHORT_K
+#define SLIMLM_SMALL_MAX_BF16_SHORT_K 28
+#endif
+#ifndef SLIMLM_SMALL_MAX_BF16_LONG_K
+#define SLIMLM_SMALL_MAX_BF16_LONG_K 28
+#endif
+#endif
+#ifndef SLIMLM_PACKED_MAX_M
+#define SLIMLM_PACKED_MAX_M 512
+#endif
 #ifndef SLIMLM_SMALL_MAX_BF16_SHORT_K
 #define SLIMLM_SMALL_MAX_BF16_SHORT_K 48
 #endif
@@ -74,13 +102,6 @@ static int64_t small_max(at::ScalarType wt, int64_t K) {
 // 512-bit registers, otherwise KB = 16 in 256-bit ones. Measured on a 2-core Ice Lake VM: 512-bit FMAs
 // run at 176 GFLOP/s per core against 110 for 256-bit ones, so the compute-bound M >= 2 shapes gain and
 // M = 1 stays bound by memory. SLIMLM_LINEAR_AVX512=0 forces the 256-bit kernel (tests compare both).
-#ifndef SLIMLM_LINEAR_AVX512
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-#define SLIMLM_LINEAR_AVX512 1
-#else
-#define SLIMLM_LINEAR_AVX512 0
-#endif
-#endif
 
 #if SLIMLM_LINEAR_AVX512
 using VF = __m512;
@@ -453,7 +474,102 @@ static void large_path_bf16(const at::Tensor& xf, const at::Tensor& w, const at:
   }, /*adaptive=*/false);
 }
 
-// path: 0 = pick by M, 1 = force the streaming kernel, 2 = force the GEMM path (benchmarks/tests).
+#if SLIMLM_LINEAR_AVX512
+// Middle and large M: the packed outer-product GEMM of packed_gemm.h, W converted to fp32 a block at a
+// time into L1 (see there). Tasks are ranges of NR-row groups of W, claimed dynamically.
+static void packed_path(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
+  using namespace slimlm_gemm;
+  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
+  const int64_t np = (M + PW - 1) / PW;
+  static thread_local std::vector<float> xbuf;
+  if (static_cast<int64_t>(xbuf.size()) < np * K * PW + 16) xbuf.resize(np * K * PW + 16);
+  float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xbuf.data()) + 63) & ~uintptr_t(63));
+  if (x2.scalar_type() == at::kFloat)
+    pack_xt(x2.data_ptr<float>(), x2.stride(0), M, K, xt, [](float v) { return v; });
+  else
+    pack_xt(reinterpret_cast<const c10::BFloat16*>(x2.data_ptr<at::BFloat16>()), x2.stride(0), M, K, xt,
+            [](c10::BFloat16 v) { return static_cast<float>(v); });
+
+  const bool one_panel = np == 1;
+  const int nr = one_panel ? nr_for(static_cast<int>((M + 15) / 16)) : kLargeNr;
+  // Equal K blocks of at most kc_max(nr) (one panel) or kLargeKc (several).
+  const int64_t kcm = one_panel ? kc_max(nr) : kLargeKc;
+  const int64_t nkb = (K + kcm - 1) / kcm;
+  const int64_t KC = std::min(kcm, ((K + nkb - 1) / nkb + 15) & ~int64_t(15));
+  const int64_t ldw = one_panel ? ldw_for(nr) : kLargeLd;
+  const int64_t groups = (N + nr - 1) / nr;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t gpt = std::clamp<int64_t>(groups / (4 * nt), 1, 16);
+  const int64_t ntasks = (groups + gpt - 1) / gpt;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+
+  auto run = [&](const auto* wp, auto* optr) {
+    const int64_t esz = sizeof(*wp);
+    // Prefetch of rows [r0, r0 + rows) at column k0 (nothing when k0 is past the end).
+    auto prefetch_of = [&](int64_t r0, int64_t rows, int64_t k0) {
+      Prefetch pf;
+      if (k0 < K && rows > 0) {
+        pf.p = reinterpret_cast<const char*>(wp + r0 * K + k0);
+        pf.stride = K * esz;
+        pf.row_bytes = std::min(KC, K - k0) * esz;
+        pf.rows = rows;
+      }
+      return pf;
+    };
+    parallel_dynamic(ntasks, [&](int64_t t) {
+      static thread_local std::vector<float> wbuf, cbuf;
+      const int64_t wrows = one_panel ? nr : gpt * nr;
+      if (static_cast<int64_t>(wbuf.size()) < wrows * ldw + 16) wbuf.resize(wrows * ldw + 16);
+      if (static_cast<int64_t>(cbuf.size()) < gpt * nr * MC) cbuf.resize(gpt * nr * MC);
+      float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wbuf.data()) + 63) & ~uintptr_t(63));
+      float* ct = cbuf.data();
+      const int64_t g0 = t * gpt, g1 = std::min(groups, g0 + gpt);
+      const int64_t n0 = g0 * nr, n1 = std::min(N, g1 * nr);
+      for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
+        const int64_t mrows = std::min(MC, M - mc0);
+        const int64_t p0 = mc0 / PW, p1 = (mc0 + mrows + PW - 1) / PW;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+          const int64_t kc = std::min(KC, K - k0);
+          if (one_panel) {
+            // Per group: convert its rows into L1, prefetch the next group's (or next K block's) rows.
+            for (int64_t g = g0; g < g1; ++g) {
+              const int64_t gn = g * nr;
+              convert_block(wp, K, gn, std::min<int64_t>(nr, N - gn), nr, k0, kc, ws, ldw);
+              const bool last = g + 1 == g1;
+              Prefetch pf = prefetch_of(last ? n0 : gn + nr, std::min<int64_t>(nr, N - (last ? n0 : gn + nr)),
+                                        last ? k0 + KC : k0);
+              const int mv = static_cast<int>((M + 15) / 16);
+              micro_any(nr, mv, ws, xt + k0 * PW, kc, ct + (g - g0) * nr * MC, MC, k0 > 0, pf);
+            }
+          } else {
+            // The task's rows for this K block into L2, then each x panel block (L1) meets all of them.
+            for (int64_t g = g0; g < g1; ++g)
+              convert_block(wp, K, g * nr, std::min<int64_t>(nr, N - g * nr), nr, k0, kc, ws + (g - g0) * nr * ldw,
+                            ldw);
+            Prefetch pf = prefetch_of(n0, n1 - n0, k0 + KC);
+            for (int64_t p = p0; p < p1; ++p) {
+              const int mv = static_cast<int>(std::min<int64_t>(4, (M - p * PW + 15) / 16));
+              for (int64_t g = g0; g < g1; ++g)
+                micro_mv<kLargeNr, kLargeLd>(mv, ws + (g - g0) * nr * ldw, xt + p * K * PW + k0 * PW, kc,
+                                             ct + (g - g0) * nr * MC + (p - p0) * PW, MC, k0 > 0, pf);
+            }
+          }
+        }
+        store_transposed(ct, MC, bp, n0, n1, mrows, optr, N, mc0);
+      }
+    }, /*adaptive=*/true);
+  };
+  auto with_w = [&](auto* optr) {
+    if (w.scalar_type() == at::kBFloat16) run(reinterpret_cast<const uint16_t*>(w.data_ptr()), optr);
+    else run(w.data_ptr<float>(), optr);
+  };
+  if (out.scalar_type() == at::kFloat) with_w(out.data_ptr<float>());
+  else with_w(reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>()));
+}
+#endif
+
+// path: 0 = pick by M, 1 = force the streaming kernel, 2 = force the convert + sgemm path, 3 = force the
+// packed GEMM (AVX-512 builds only) (benchmarks/tests).
 at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t path) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear: CPU tensors only");
@@ -479,6 +595,15 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
     return out.reshape(out_shape);
   }
 
+#if SLIMLM_LINEAR_AVX512
+  if (path == 3 || (path == 0 && wt == at::kBFloat16 && M > small_max(wt, K) && M <= SLIMLM_PACKED_MAX_M)) {
+    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    packed_path(x2, w, b, out);
+    return x.dim() == 2 ? out : out.view(out_shape);
+  }
+#else
+  TORCH_CHECK(path != 3, "linear: the packed GEMM path needs an AVX-512 build");
+#endif
   if (path == 1 || (path == 0 && M <= small_max(wt, K))) {
     at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
     small_path(x2, w, b, out);
@@ -548,6 +673,7 @@ py::dict config() {
   d["avx512"] = SLIMLM_LINEAR_AVX512 != 0;
   d["block_r"] = SLIMLM_BLOCK_R;
   d["block_mb"] = SLIMLM_BLOCK_MB;
+  d["packed_max_m"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PACKED_MAX_M : 0;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
@@ -566,7 +692,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the streamed tokens meanwhile, instead of waiting for the engine thread's next Python bytecode.
   m.def("linear", &linear, "y = x @ W.T + b (x fp32/bf16, W bf16/fp32, fp32 math, output in x's dtype)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("linear_path", &linear_path, "linear with a forced path: 0 auto, 1 streaming kernel, 2 GEMM",
+  m.def("linear_path", &linear_path, "linear with a forced path: 0 auto, 1 streaming kernel, 2 sgemm, 3 packed GEMM",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("path"), py::call_guard<py::gil_scoped_release>());
   m.def("read_probe", &read_probe, "benchmark helper: read a contiguous tensor with all threads, returns bytes read");
   m.def("set_chunk_rows", &set_chunk_rows, "benchmark helper: W rows per chunk on the GEMM path");
