@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimlm.kernels import REFERENCE_OPS, get_ops, reference
+from slimlm.kernels import REFERENCE_OPS, cpu, get_ops, reference
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,26 @@ def test_paged_attention_low_precision(ops, dtype, hq, hk, d, window):
     # ... and no further from it than the reference's own low-precision arithmetic.
     ref = reference.paged_attention(**case)
     assert (out.float() - exact).abs().max() <= (ref.float() - exact).abs().max() + 1e-3
+
+
+@pytest.fixture(scope="module")
+def ops_8wide():
+    """The same kernels built with the 8-float attention only (what CPUs without AVX-512 run)."""
+    return cpu.load(extra_cflags=("-DSLIMLM_NO_ATTN512",))
+
+
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+@pytest.mark.parametrize("bs,window", [(16, 0), (8, 24), (32, 0), (5, 0), (16, 33)])
+def test_paged_attention_bf16_every_head_dim(ops, ops_8wide, d, bs, window):
+    """bf16 at the head sizes of the 512-bit kernel (and the 8-float one), odd block sizes, windows:
+    both close to the exact result, the 512-bit one no further from it than the 8-float one (plus noise)."""
+    case = _attention_case(6, 2, d, torch.bfloat16, window, seed=90 + d + bs, bs=bs)
+    exact = reference.paged_attention(**_upcast(case))
+    out, out8 = ops.paged_attention(**case), ops_8wide.paged_attention(**case)
+    for o in (out, out8):
+        assert o.dtype == torch.bfloat16
+        torch.testing.assert_close(o.float(), exact, rtol=2**-7, atol=2e-3)
+    assert (out.float() - exact).abs().max() <= (out8.float() - exact).abs().max() + 2**-8
 
 
 def test_paged_attention_variants(ops):

@@ -912,6 +912,12 @@ void combine(const Attn<T>& a, const Item& it, const float* partials, int splits
   }
 }
 
+#if defined(SLIM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    !defined(SLIMLM_NO_ATTN512)
+#define SLIM_ATTN512 1
+#include "attention_avx512.h"
+#endif
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
                            const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
@@ -997,7 +1003,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
               k_cache.size(0)};
     constexpr bool kPermType = std::is_same_v<T, bf16> && kHasPerm16;
     const bool perm = kPermType && hq.D % (2 * W) == 0;
+#ifdef SLIM_ATTN512
+    const bool wide = std::is_same_v<T, bf16> && hq.D % 32 == 0 && hq.D <= 128;
+#else
+    const bool wide = false;
+#endif
     auto run = [&](const Item& it, int64_t kb, int64_t ke, float* partial) {
+#ifdef SLIM_ATTN512
+      if (wide) return attend_wide(a, it, kb, ke, partial);
+#endif
       if constexpr (kPermType) {
         if (perm) return attend<T, true>(a, it, kb, ke, partial);
       }
@@ -1067,7 +1081,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     });
     for (const Split& sp : split_items) {
       if constexpr (kPermType) {
-        if (perm) {
+        if (perm && !wide) {  // the wide kernel leaves its partials in natural order
           combine<T, true>(a, items[sp.item], sp.partials, sp.splits);
           continue;
         }

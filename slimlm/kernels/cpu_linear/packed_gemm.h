@@ -48,7 +48,10 @@ struct Prefetch {
 // flight), and the row stride of the converted block: a compile-time constant, so that the NR broadcast
 // addresses are one pointer plus fixed offsets (a run-time stride cost a chain of address arithmetic
 // and register spills in the inner loop), and never a multiple of 4 KB (L1 set aliasing).
-constexpr int64_t kc_max(int nr) { return 6144 / nr; }
+#ifndef SLIMLM_PACKED_KC_FLOATS
+#define SLIMLM_PACKED_KC_FLOATS 6144
+#endif
+constexpr int64_t kc_max(int nr) { return (SLIMLM_PACKED_KC_FLOATS / nr) & ~int64_t(15); }  // rows stay 64-byte aligned
 constexpr int64_t ldw_for(int nr) { return kc_max(nr) + 16; }
 // With several x panels (M > 64) the loops go the other way round (GotoBLAS): a K block of one x^T
 // panel (128 x 64 floats, 32 KB) stays in L1 while all the task's W rows, converted for that K block
