@@ -49,7 +49,7 @@ namespace {
 
 // The vector width of the streaming kernel and whether the packed GEMM exists (see below).
 #ifndef SLIMLM_LINEAR_AVX512
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define SLIMLM_LINEAR_AVX512 1
 #else
 #define SLIMLM_LINEAR_AVX512 0
@@ -490,10 +490,9 @@ static void packed_path(const at::Tensor& x2, const at::Tensor& w, const at::Ten
   if (static_cast<int64_t>(xbuf.size()) < np * K * PW + 16) xbuf.resize(np * K * PW + 16);
   float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xbuf.data()) + 63) & ~uintptr_t(63));
   if (x2.scalar_type() == at::kFloat)
-    pack_xt(x2.data_ptr<float>(), x2.stride(0), M, K, xt, [](float v) { return v; });
+    pack_xt(x2.data_ptr<float>(), x2.stride(0), M, K, xt);
   else
-    pack_xt(reinterpret_cast<const c10::BFloat16*>(x2.data_ptr<at::BFloat16>()), x2.stride(0), M, K, xt,
-            [](c10::BFloat16 v) { return static_cast<float>(v); });
+    pack_xt(reinterpret_cast<const c10::BFloat16*>(x2.data_ptr<at::BFloat16>()), x2.stride(0), M, K, xt);
 
   const bool one_panel = np == 1;
   const int nr = one_panel ? nr_for(static_cast<int>((M + 15) / 16)) : kLargeNr;

@@ -20,7 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 namespace slimlm_gemm {
 
 constexpr int PW = 64;       // x^T panel width: 4 vectors of 16 fp32 lanes
@@ -124,22 +124,66 @@ static inline void micro_any(int nr, int mv, const float* ws, const float* xt, i
   }
 }
 
-// x [M, K] (row stride sx) -> x^T panels: panel p holds rows 64 p .. 64 p + 63 as [K][64] fp32,
-// zero padded past M. 64-byte aligned dst of npanels * K * 64 floats.
-template <class XT, class ToF>
-static void pack_xt(const XT* x, int64_t sx, int64_t M, int64_t K, float* dst, ToF to_f) {
+// In-place transpose of the 16 x 16 floats in r[0..15] (r[i] = row i): pairs, then quads within 128-bit
+// lanes, then the lanes themselves.
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+
+// Up to 16 elements of one x row as fp32 (the lanes past n zero).
+static inline __m512 load_row16(const float* p, int n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+}
+template <class BF16>
+static inline __m512 load_row16(const BF16* p, int n) {
+  const __m256i v = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// x [M, K] (row stride sx; float or bf16) -> x^T panels: panel p holds rows 64 p .. 64 p + 63 as [K][64] fp32,
+// zero padded past M. 64-byte aligned dst of npanels * K * 64 floats. 16 x 16 blocks transposed in registers
+// (the scalar loop it replaces cost ~0.6-0.9 ns per element: ~3% of a 32-sequence decode step).
+template <class XT>
+static void pack_xt(const XT* x, int64_t sx, int64_t M, int64_t K, float* dst) {
   const int64_t np = (M + PW - 1) / PW;
   for (int64_t p = 0; p < np; ++p) {
     float* d = dst + p * K * PW;
     const int64_t m0 = p * PW, rows = std::min<int64_t>(PW, M - m0);
-    if (rows < PW)
-      for (int64_t k = 0; k < K; ++k) std::memset(d + k * PW + rows, 0, (PW - rows) * sizeof(float));
-    // Blocks of 16 K-elements keep the 16 destination lines of a row block in L1.
-    for (int64_t k0 = 0; k0 < K; k0 += 16) {
-      const int64_t k1 = std::min<int64_t>(K, k0 + 16);
-      for (int64_t j = 0; j < rows; ++j) {
-        const XT* xr = x + (m0 + j) * sx;
-        for (int64_t k = k0; k < k1; ++k) d[k * PW + j] = to_f(xr[k]);
+    for (int64_t j0 = 0; j0 < PW; j0 += 16) {
+      if (j0 >= rows) {
+        for (int64_t k = 0; k < K; ++k) _mm512_store_ps(d + k * PW + j0, _mm512_setzero_ps());
+        continue;
+      }
+      const int jn = static_cast<int>(std::min<int64_t>(16, rows - j0));
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int kn = static_cast<int>(std::min<int64_t>(16, K - k0));
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = i < jn ? load_row16(x + (m0 + j0 + i) * sx + k0, kn) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int i = 0; i < kn; ++i) _mm512_store_ps(d + (k0 + i) * PW + j0, r[i]);
       }
     }
   }
@@ -202,4 +246,4 @@ static inline void store_transposed(const float* ct, int64_t ldc, const float* b
 }
 
 }  // namespace slimlm_gemm
-#endif  // __AVX512F__
+#endif  // AVX-512 F/BW/DQ/VL
