@@ -36,7 +36,7 @@ def _sources() -> list[Path]:
 
 def _headers() -> list[Path]:
     here = Path(__file__).parent
-    return [here / name for name in HEADERS]
+    return [here / name for name in HEADERS] + [here.parent / "common" / "avx512_bf16.h"]
 
 
 def _cflags(extra: tuple[str, ...] = ()) -> list[str]:

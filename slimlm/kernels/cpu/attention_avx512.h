@@ -12,16 +12,11 @@
 //   - the 16 dot products of a query row against a tile end in one transposing reduction tree (15 adds) that
 //     leaves the 16 scores in one vector;
 //   - P V keeps the query row's accumulator (2 * D / 32 vectors) in registers across the tile.
-// Must be included only where AVX-512 F/BW/DQ are enabled.
+// Must be included only where AVX-512 F/BW/DQ/VL are enabled (after ../common/avx512_bf16.h).
 
 constexpr int kTile = 16;  // keys per tile: one vector of scores
 
-// 32 bf16 at p -> fp32 even-index elements (lo) and odd-index elements (hi).
-inline void split_bf16(const bf16* p, __m512& lo, __m512& hi) {
-  const __m512i v = _mm512_loadu_si512(p);
-  lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-  hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
+using slimlm_avx512::split_bf16x32;
 
 // Lane L of the result is the sum of the lanes of a[L]. Four levels of "pair up halves and add"; the
 // levels leave lanes in the order 0 2 1 3 8 10 9 11 4 6 5 7 12 14 13 15 (an involution), so the input is
@@ -43,23 +38,19 @@ inline __m512 reduce16(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
 }
 
-// exp of 16 lanes: the Cephes polynomial of vexp() above, same limits (0 below -87.3, finite above 88, NaN
-// stays NaN).
+// exp of 16 lanes: vexp()'s polynomial and limits (0 below -87.3, finite above 88, NaN stays NaN).
 inline __m512 vexp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654475f);
+  namespace e = exp_poly;
+  const __m512 lo = _mm512_set1_ps(e::kMin);
   const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  __m512 v = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+  __m512 v = _mm512_min_ps(_mm512_set1_ps(e::kMax), x);
   v = _mm512_max_ps(lo, v);
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  const __m512 fx =
+      _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(e::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(e::kLn2Hi), v);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(e::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(e::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(e::kP[i]));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   const __m512i n = _mm512_cvtps_epi32(fx);
   const __m512 pow2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
@@ -75,7 +66,7 @@ inline void load_tile(const bf16* rows, int64_t stride, int n, float* tile) {
 #pragma GCC unroll 4
     for (int b = 0; b < DB; ++b) {
       __m512 lo, hi;
-      split_bf16(rows + j * stride + 32 * b, lo, hi);
+      split_bf16x32(rows + j * stride + 32 * b, lo, hi);
       _mm512_store_ps(tile + j * D + 32 * b, lo);
       _mm512_store_ps(tile + j * D + 32 * b + 16, hi);
     }
@@ -102,15 +93,6 @@ inline void unsplit32(const float* src, __m512 scale, float* dst) {
   _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), scale));
 }
 
-// 16 floats -> bf16, round to nearest even, NaN -> 0x7fc0 (as c10::BFloat16 does).
-inline void store16_bf16(bf16* p, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-
 // attend() for bf16, D = 32 * DB: the query vectors of `it` against keys [kb, ke).
 template <int DB>
 void attend512(const Attn<bf16>& a, const Item& it, int64_t kb, int64_t ke, float* partial) {
@@ -135,7 +117,7 @@ void attend512(const Attn<bf16>& a, const Item& it, int64_t kb, int64_t ke, floa
     const bf16* qr = a.q + (s + r) * a.qs0 + (static_cast<int64_t>(it.h) * a.G + g) * a.qs1;
     for (int b = 0; b < DB; ++b) {
       __m512 x, y;
-      split_bf16(qr + 32 * b, x, y);
+      split_bf16x32(qr + 32 * b, x, y);
       _mm512_store_ps(qb + m * D + 32 * b, _mm512_mul_ps(x, vscale));
       _mm512_store_ps(qb + m * D + 32 * b + 16, _mm512_mul_ps(y, vscale));
     }
@@ -266,8 +248,8 @@ void attend512(const Attn<bf16>& a, const Item& it, int64_t kb, int64_t ke, floa
     alignas(64) float nat[32];
     for (int b = 0; b < DB; ++b) {
       unsplit32(acc + m * D + 32 * b, inv, nat);
-      store16_bf16(orow + 32 * b, _mm512_load_ps(nat));
-      store16_bf16(orow + 32 * b + 16, _mm512_load_ps(nat + 16));
+      slimlm_avx512::store_bf16x16(orow + 32 * b, _mm512_load_ps(nat));
+      slimlm_avx512::store_bf16x16(orow + 32 * b + 16, _mm512_load_ps(nat + 16));
     }
   }
 }

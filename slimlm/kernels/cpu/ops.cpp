@@ -26,6 +26,11 @@
 #if (defined(__AVX2__) && defined(__FMA__)) && !defined(SLIMLM_SCALAR)
 #define SLIM_AVX2 1
 #include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    !defined(SLIMLM_NO_ATTN512)
+#define SLIM_ATTN512 1  // the 512-bit paged attention of attention_avx512.h
+#include "../common/avx512_bf16.h"
+#endif
 #endif
 
 namespace slim {
@@ -35,6 +40,14 @@ using f16 = c10::Half;
 
 constexpr int W = 8;           // floats per vector
 constexpr int kMaxDim = 1024;  // largest head_dim / rope dim handled
+
+// The exp polynomial's constants (Cephes expf), shared by the 8-float vexp and attention_avx512.h's vexp16.
+namespace exp_poly {
+constexpr float kMin = -87.33654475f, kMax = 88.0f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 in two parts
+constexpr float kP[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                         4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+}  // namespace exp_poly
 
 // ---------------------------------------------------------------------------------------------------------
 // Vector layer
@@ -82,20 +95,16 @@ inline V hsum8(const V* a) {
 
 // exp with ~1-2 ulp error (Cephes polynomial); 0 below -87.3, saturates (finite) above 88, NaN stays NaN.
 inline V vexp(V x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654475f);
+  namespace e = exp_poly;
+  const __m256 lo = _mm256_set1_ps(e::kMin);
   __m256 under = _mm256_cmp_ps(x.v, lo, _CMP_LT_OQ);
-  __m256 v = _mm256_min_ps(_mm256_set1_ps(88.0f), x.v);  // second operand wins on NaN: keeps NaN
+  __m256 v = _mm256_min_ps(_mm256_set1_ps(e::kMax), x.v);  // second operand wins on NaN: keeps NaN
   v = _mm256_max_ps(lo, v);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), v);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(e::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(e::kLn2Hi), v);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(e::kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(e::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(e::kP[i]));
   __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
   __m256i n = _mm256_cvtps_epi32(fx);
   __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
@@ -919,9 +928,7 @@ void combine(const Attn<T>& a, const Item& it, const float* partials, int splits
   }
 }
 
-#if defined(SLIM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    !defined(SLIMLM_NO_ATTN512)
-#define SLIM_ATTN512 1
+#ifdef SLIM_ATTN512
 #include "attention_avx512.h"
 #endif
 

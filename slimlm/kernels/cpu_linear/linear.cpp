@@ -67,27 +67,14 @@ namespace {
 //   smollm2 (K 576-1536): M=24 160/130/75, M=32 163/174/96, M=64 165/215/126, M=128 170/214/169,
 //                         M=512 -/206/220, M=1024 -/153-165/169-172, M=2048 -/169-199/178-211;
 //   tinyllama (K 2048-5632): M=24 155/121/74, M=32 162/166/94, M=64 181/242/148, M=512 -/221/209.
-#if SLIMLM_LINEAR_AVX512
-#ifndef SLIMLM_SMALL_MAX_BF16_SHORT_K
-#define SLIMLM_SMALL_MAX_BF16_SHORT_K 28
-#endif
-#ifndef SLIMLM_SMALL_MAX_BF16_LONG_K
-#define SLIMLM_SMALL_MAX_BF16_LONG_K 28
-#endif
-#endif
-// W groups ahead that the packed GEMM prefetches (M = 32, the model's 30 layers cold: 1, 2 and 3 measured
-// the same within noise).
-#ifndef SLIMLM_PREFETCH_GROUPS
-#define SLIMLM_PREFETCH_GROUPS 1
-#endif
 #ifndef SLIMLM_PACKED_MAX_M
 #define SLIMLM_PACKED_MAX_M 512
 #endif
 #ifndef SLIMLM_SMALL_MAX_BF16_SHORT_K
-#define SLIMLM_SMALL_MAX_BF16_SHORT_K 48
+#define SLIMLM_SMALL_MAX_BF16_SHORT_K (SLIMLM_LINEAR_AVX512 ? 28 : 48)
 #endif
 #ifndef SLIMLM_SMALL_MAX_BF16_LONG_K
-#define SLIMLM_SMALL_MAX_BF16_LONG_K 112
+#define SLIMLM_SMALL_MAX_BF16_LONG_K (SLIMLM_LINEAR_AVX512 ? 28 : 112)
 #endif
 #ifndef SLIMLM_SMALL_MAX_F32_SHORT_K
 #define SLIMLM_SMALL_MAX_F32_SHORT_K 128
@@ -136,9 +123,7 @@ struct LoadBf16 {
   using T = uint16_t;
   static inline void load(const T* p, VF& lo, VF& hi) {
 #if SLIMLM_LINEAR_AVX512
-    const __m512i v = _mm512_loadu_si512(p);
-    lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    slimlm_avx512::split_bf16x32(p, lo, hi);
 #else
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -495,7 +480,8 @@ static void packed_path(const at::Tensor& x2, const at::Tensor& w, const at::Ten
     pack_xt(reinterpret_cast<const c10::BFloat16*>(x2.data_ptr<at::BFloat16>()), x2.stride(0), M, K, xt);
 
   const bool one_panel = np == 1;
-  const int nr = one_panel ? nr_for(static_cast<int>((M + 15) / 16)) : kLargeNr;
+  const int mv_one = static_cast<int>((M + 15) / 16);  // x vectors of the single panel (M <= 64)
+  const int nr = one_panel ? nr_for(mv_one) : kLargeNr;
   // Equal K blocks of at most kc_max(nr) (one panel) or kLargeKc (several).
   const int64_t kcm = one_panel ? kc_max(nr) : kLargeKc;
   const int64_t nkb = (K + kcm - 1) / kcm;
@@ -535,14 +521,15 @@ static void packed_path(const at::Tensor& x2, const at::Tensor& w, const at::Ten
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
           const int64_t kc = std::min(KC, K - k0);
           if (one_panel) {
-            // Per group: convert its rows into L1 and prefetch the rows of the group SLIMLM_PREFETCH_GROUPS ahead.
+            // Per group: convert its rows into L1 and prefetch the next group's (after the last group, the
+            // first group's next K block). Prefetching 2 or 3 groups ahead measured the same.
             for (int64_t g = g0; g < g1; ++g) {
               const int64_t gn = g * nr;
               convert_block(wp, K, gn, std::min<int64_t>(nr, N - gn), nr, k0, kc, ws, ldw);
-              const int64_t ahead = (g - g0) + SLIMLM_PREFETCH_GROUPS, ng = g0 + ahead % (g1 - g0);
-              Prefetch pf = prefetch_of(ng * nr, std::min<int64_t>(nr, N - ng * nr), k0 + ahead / (g1 - g0) * KC);
-              const int mv = static_cast<int>((M + 15) / 16);
-              micro_any(nr, mv, ws, xt + k0 * PW, kc, ct + (g - g0) * nr * MC, MC, k0 > 0, pf);
+              const bool last = g + 1 == g1;
+              const int64_t next = last ? n0 : gn + nr;
+              Prefetch pf = prefetch_of(next, std::min<int64_t>(nr, N - next), last ? k0 + KC : k0);
+              micro_any(nr, mv_one, ws, xt + k0 * PW, kc, ct + (g - g0) * nr * MC, MC, k0 > 0, pf);
             }
           } else {
             // The task's rows for this K block into L2, then each x panel block (L1) meets all of them.

@@ -21,6 +21,8 @@
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#include "../common/avx512_bf16.h"
+
 namespace slimlm_gemm {
 
 constexpr int PW = 64;       // x^T panel width: 4 vectors of 16 fp32 lanes
@@ -48,10 +50,8 @@ struct Prefetch {
 // flight), and the row stride of the converted block: a compile-time constant, so that the NR broadcast
 // addresses are one pointer plus fixed offsets (a run-time stride cost a chain of address arithmetic
 // and register spills in the inner loop), and never a multiple of 4 KB (L1 set aliasing).
-#ifndef SLIMLM_PACKED_KC_FLOATS
-#define SLIMLM_PACKED_KC_FLOATS 6144
-#endif
-constexpr int64_t kc_max(int nr) { return (SLIMLM_PACKED_KC_FLOATS / nr) & ~int64_t(15); }  // rows stay 64-byte aligned
+// (Budgets of 2048-6144 floats measured the same at M = 32; multiples of 16 keep rows 64-byte aligned.)
+constexpr int64_t kc_max(int nr) { return (6144 / nr) & ~int64_t(15); }
 constexpr int64_t ldw_for(int nr) { return kc_max(nr) + 16; }
 // With several x panels (M > 64) the loops go the other way round (GotoBLAS): a K block of one x^T
 // panel (128 x 64 floats, 32 KB) stays in L1 while all the task's W rows, converted for that K block
@@ -214,16 +214,11 @@ static inline void convert_block(const float* w, int64_t K, int64_t n0, int64_t 
   for (int64_t r = rows; r < nr; ++r) std::memset(dst + r * ld, 0, kc * sizeof(float));
 }
 
-// 16 fp32 -> y (fp32, or bf16 rounded to nearest even with NaN -> 0x7FC0, as c10::BFloat16 does), the
-// lanes in `mask` only.
+// 16 fp32 -> y (fp32, or bf16 as c10::BFloat16 rounds), the lanes in `mask` only.
 static inline void store16(float* o, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(o, mask, v); }
 template <class BF16>
 static inline void store16(BF16* o, __m512 v, __mmask16 mask) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(o), mask, _mm512_cvtepi32_epi16(r));
+  slimlm_avx512::store_bf16x16(o, v, mask);
 }
 
 // C^T rows [0, n1 - n0) x columns [0, mrows) (row stride ldc) + bias[n0..n1) -> y rows m0.. columns
