@@ -99,8 +99,7 @@ void attend512(const Attn<bf16>& a, const Item& it, int64_t kb, int64_t ke, floa
   constexpr int D = 32 * DB;
   constexpr int kScoreStride = kChunk + kTile;  // room for a full tile of scores past the chunk's end
   const int gn = it.g1 - it.g0, M = (it.r1 - it.r0) * gn;
-  const int64_t L = a.sl(it.seq), s = a.qsl(it.seq), ql = a.qsl(it.seq + 1) - s;
-  const int64_t qp0 = L - ql;  // position of the sequence's first query row
+  const int64_t s = a.qsl(it.seq);  // the sequence's first query row
   float* buf = scratch(static_cast<size_t>(M) * (2 * D + kScoreStride + 4) + kTile * D + 16);
   float* qb = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf) + 63) & ~uintptr_t(63));
   float* tile = qb + M * D;  // 64-byte aligned: D is a multiple of 32
@@ -125,10 +124,8 @@ void attend512(const Attn<bf16>& a, const Item& it, int64_t kb, int64_t ke, floa
     mx[m] = -std::numeric_limits<float>::infinity();
     l[m] = 0.f;
   }
-  auto first_key = [&](int64_t qp) -> int64_t {
-    return a.window > 0 ? std::max<int64_t>(0, qp - a.window + 1) : 0;
-  };
-  const int64_t kmin = std::max(first_key(qp0 + it.r0), kb), kmax = std::min(qp0 + it.r1 - 1, ke - 1);
+  const KeyRange keys(a, it, kb, ke);
+  const int64_t kmin = keys.kmin, kmax = keys.kmax;
   const bf16* kbase = a.kc + it.h * a.ks1;
   const bf16* vbase = a.vc + it.h * a.vs1;
   // Each tile: up to kTile keys inside one cache block.
@@ -160,11 +157,7 @@ void attend512(const Attn<bf16>& a, const Item& it, int64_t kb, int64_t ke, floa
 
   for (int64_t cs = kmin; cs <= kmax; cs += kChunk) {
     const int64_t ce = std::min<int64_t>(cs + kChunk, kmax + 1);
-    for (int m = 0; m < M; ++m) {
-      const int64_t qp = qp0 + it.r0 + m / gn;
-      lo[m] = static_cast<int>(std::max(first_key(qp), cs) - cs);
-      hi[m] = static_cast<int>(std::min(qp, ce - 1) - cs);  // inclusive; < lo when nothing is visible
-    }
+    keys.in_chunk(M, cs, ce, lo, hi);
     // Scores.
     for_tiles(cs, ce, [&](int64_t blk, int64_t off, int j0, int n, int64_t next) {
       prefetch_next(blk, off, n, next);

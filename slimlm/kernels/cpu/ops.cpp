@@ -696,6 +696,34 @@ struct Attn {
   int64_t window, nblocks;
 };
 
+// The keys the query vectors of an item may see (causal, sliding window), within [kb, ke): all of them span
+// [kmin, kmax]; lo/hi give each vector's range inside a chunk. Shared by attend() and attend512().
+struct KeyRange {
+  int64_t window, qp0, r0;  // qp0: position of the sequence's first query row
+  int gn;                   // query vectors per row (the item's heads)
+  int64_t kmin, kmax;
+
+  template <class T>
+  KeyRange(const Attn<T>& a, const Item& it, int64_t kb, int64_t ke)
+      : window(a.window),
+        qp0(a.sl(it.seq) - (a.qsl(it.seq + 1) - a.qsl(it.seq))),
+        r0(it.r0),
+        gn(it.g1 - it.g0),
+        kmin(std::max(first(qp0 + it.r0), kb)),
+        kmax(std::min(qp0 + it.r1 - 1, ke - 1)) {}
+
+  int64_t first(int64_t qp) const { return window > 0 ? std::max<int64_t>(0, qp - window + 1) : 0; }
+
+  // Query vector m sees chunk positions lo[m] ..= hi[m] of the chunk [cs, ce) (hi < lo: none).
+  void in_chunk(int M, int64_t cs, int64_t ce, int* lo, int* hi) const {
+    for (int m = 0; m < M; ++m) {
+      const int64_t qp = qp0 + r0 + m / gn;
+      lo[m] = static_cast<int>(std::max(first(qp), cs) - cs);
+      hi[m] = static_cast<int>(std::min(qp, ce - 1) - cs);
+    }
+  }
+};
+
 // Pointers to n (<= W) cache rows as float rows of Dp entries; missing rows point at zeros. PERM: bf16
 // rows converted 16 at a time in the permuted order of bf16_to_perm16 (needs D % 16 == 0).
 template <class T, bool PERM>
@@ -775,8 +803,7 @@ template <class T, bool PERM>
 void attend(const Attn<T>& a, const Item& it, int64_t kb = 0,
             int64_t ke = std::numeric_limits<int64_t>::max(), float* partial = nullptr) {
   const int D = a.D, Dp = a.Dp, gn = it.g1 - it.g0, M = (it.r1 - it.r0) * gn;
-  const int64_t L = a.sl(it.seq), s = a.qsl(it.seq), ql = a.qsl(it.seq + 1) - s;
-  const int64_t qp0 = L - ql;  // position of the sequence's first query row
+  const int64_t s = a.qsl(it.seq);  // the sequence's first query row
   float* buf = scratch(static_cast<size_t>(M) * (2 * Dp + kChunkPad + 2) + 2 * W * Dp + 2 * M);
   float* qb = buf;
   float* acc = qb + M * Dp;
@@ -803,21 +830,15 @@ void attend(const Attn<T>& a, const Item& it, int64_t kb = 0,
     mx[m] = -std::numeric_limits<float>::infinity();
     l[m] = 0.f;
   }
-  auto first_key = [&](int64_t qp) -> int64_t {
-    return a.window > 0 ? std::max<int64_t>(0, qp - a.window + 1) : 0;
-  };
-  const int64_t kmin = std::max(first_key(qp0 + it.r0), kb), kmax = std::min(qp0 + it.r1 - 1, ke - 1);
+  const KeyRange keys(a, it, kb, ke);
+  const int64_t kmin = keys.kmin, kmax = keys.kmax;
   const T* kbase = a.kc + it.h * a.ks1;
   const T* vbase = a.vc + it.h * a.vs1;
   const float* rows[W];
 
   for (int64_t cs = kmin; cs <= kmax; cs += kChunk) {
     const int64_t ce = std::min<int64_t>(cs + kChunk, kmax + 1);
-    for (int m = 0; m < M; ++m) {
-      const int64_t qp = qp0 + it.r0 + m / gn;
-      lo[m] = static_cast<int>(std::max(first_key(qp), cs) - cs);
-      hi[m] = static_cast<int>(std::min(qp, ce - 1) - cs);  // inclusive; < lo when nothing is visible
-    }
+    keys.in_chunk(M, cs, ce, lo, hi);
     // Scores.
     for (int64_t kp = cs; kp < ce;) {
       const int64_t bi = kp / a.bs, off = kp - bi * a.bs;
