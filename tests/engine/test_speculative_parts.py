@@ -238,6 +238,55 @@ def test_medusa_with_untrained_heads_keeps_outputs_identical(hf_checkpoints):
         _engine(path, {"method": "medusa", "model": heads, "num_speculative_tokens": 3})
 
 
+def _trained_like_heads(model, num_heads: int, seed: int):
+    """MedusaHeads on ``model`` with random non-zero blocks (zero-init heads would all say the lm_head's token)."""
+    from slimlm.train.medusa import MedusaHeads
+
+    heads = MedusaHeads(model, num_heads)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in heads.blocks:
+            block.linear.weight.copy_(torch.randn(block.linear.weight.shape, generator=gen) * 0.5)
+            block.linear.bias.copy_(torch.randn(block.linear.bias.shape, generator=gen) * 0.5)
+    return heads.eval()
+
+
+def test_medusa_stacked_heads_propose_what_the_heads_say(hf_checkpoints):
+    """The engine's path (one stacked block matmul, the target's own projection of only the rows asked for)
+    proposes each head's argmax, as calling the heads module does."""
+    from slimlm.engine.speculative.medusa import MedusaProposer
+
+    plain = _engine(hf_checkpoints["qwen3-qknorm"])
+    model = plain.loaded.model
+    heads = _trained_like_heads(model, 3, seed=0)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    seqs = [make_seq([1, 2, 3]) for _ in range(5)]
+    proposer = MedusaProposer(heads, project=model.compute_logits)
+    proposer.observe(seqs, hidden)
+    wants = [3, 1, 0, 2, 3]
+    got = proposer.propose(seqs, wants).token_ids
+    with torch.no_grad():
+        ref = heads(hidden).argmax(-1).T.tolist()  # [T, K]
+    assert got == [row[:k] for row, k in zip(ref, wants, strict=True)]
+    assert sum(map(len, got)) == 9
+
+
+def test_medusa_heads_from_a_directory_keep_outputs_identical(hf_checkpoints, tmp_path):
+    """The CLI's way in: heads saved to a directory, loaded by the engine against its own target."""
+    path = hf_checkpoints["qwen3-qknorm"]
+    plain = _engine(path)
+    _trained_like_heads(plain.loaded.model, 3, seed=2).save_pretrained(tmp_path / "heads")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(300) for _ in range(4 + 9 * i)] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = _engine(
+        path, {"method": "medusa", "model": str(tmp_path / "heads"), "num_speculative_tokens": 3, "adaptive": False}
+    )
+    assert engine.speculator.proposer._stacked is not None
+    assert _run(engine, prompts, params) == _run(plain, prompts, params)
+    assert engine.stats.speculative.proposed_tokens > 0
+
+
 # ---- stops inside accepted runs --------------------------------------------------------------------------
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n    y = 2\n# a comment, then more code\n"

@@ -45,8 +45,8 @@ def build_proposer(config: SpeculativeConfig, engine) -> Proposer:
         )
     from slimlm.engine.speculative.medusa import MedusaProposer, load_medusa_heads
 
-    heads = load_medusa_heads(config.model, engine.device) if isinstance(config.model, str) else config.model
-    proposer = MedusaProposer(heads)
+    heads = load_medusa_heads(config.model, engine.loaded) if isinstance(config.model, str) else config.model
+    proposer = MedusaProposer(heads, project=engine.loaded.model.compute_logits)
     if proposer.num_heads is not None and proposer.num_heads < config.num_speculative_tokens:
         raise ValueError(
             f"num_speculative_tokens is {config.num_speculative_tokens} but the Medusa heads have only "
