@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved batch-1 rounds (medians reported)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="interleaved batch-1 rounds, each on its own prompt (medians reported)"
+    )
     p.add_argument("--baseline", choices=["hf"], default=None)
     p.add_argument("--rss-requests", type=int, default=0, help="also run N sequential requests, report RSS")
     p.add_argument(
