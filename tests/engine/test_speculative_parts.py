@@ -106,7 +106,7 @@ def test_adaptive_measures_before_deciding_and_probes_while_off():
     c = AdaptiveController(3, probe_interval=4)
     step_cost = {0: 1.0, 1: 1.1, 3: 1.5}
     ks, prev = [], None
-    for _ in range(14):
+    for _ in range(26):
         k = c.choose(2)
         ks.append(k)
         # A speculative step right after plain ones (a draft catching up) costs 9 s: it must not be timed.
@@ -114,11 +114,36 @@ def test_adaptive_measures_before_deciding_and_probes_while_off():
         if k:
             c.record_acceptance(k, k, 0, 1)
         prev = k
-    # Plain step first, then K (twice: the first is a catch-up), then off (acceptance 0) with probe pairs.
-    assert ks == [0, 3, 3, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0]
-    # One slope from all speculative steps: (1.5 - 1) / 3 once, (1.1 - 1) / 1 five times; no 9 s step in it.
+    # Plain step first, then K (twice: the first is a catch-up), then off (acceptance 0) with probe pairs at
+    # the next interval boundary, then after a wait that doubles with each pair that still finds no gain.
+    assert ks == [0, 3, 3] + [0] * 4 + [1, 1] + [0] * 6 + [1, 1] + [0] * 9
+    # One slope from the timed speculative steps: (1.5 - 1) / 3 once, (1.1 - 1) / 1 twice; no 9 s step in it.
     assert c.cost(2, 1) == pytest.approx(1.1) and c.cost(2, 3) == pytest.approx(1.3)
     assert c.choose(5) == 0  # another batch bucket starts over
+
+
+def _set_acceptance(c: AdaptiveController, acceptance: float) -> None:
+    for _ in range(200):  # the running average forgets the earlier rate
+        c.record_acceptance(planned=100, proposed=100, accepted=round(100 * acceptance), trials=100)
+
+
+def test_switching_back_on_needs_a_margin_over_break_even():
+    # k = 1 predicts 1.5 / 1.4 = 1.07: enough to stay on, not enough to switch back on.
+    c = _controller(0.5, lambda k: 1.0 + 0.4 * k)
+    assert c.choose(1) == 1 and c.predicted_speedup == pytest.approx(1.5 / 1.4)
+    _set_acceptance(c, 0.0)
+    assert c.choose(1) == 0
+    _set_acceptance(c, 0.5)
+    assert [c.choose(1) for _ in range(20)] == [0] * 20
+    assert c.predicted_speedup == pytest.approx(1.5 / 1.4)
+    _set_acceptance(c, 0.8)  # k = 2 predicts 2.44 / 1.8 = 1.36
+    assert c.choose(1) == 2
+    # Without a margin, 1.07 switches back on.
+    c = _controller(0.5, lambda k: 1.0 + 0.4 * k, switch_margin=0.0)
+    _set_acceptance(c, 0.0)
+    assert c.choose(1) == 0
+    _set_acceptance(c, 0.5)
+    assert c.choose(1) == 1
 
 
 def test_a_larger_batch_starts_off_where_a_smaller_one_measured_no_gain():
@@ -360,7 +385,7 @@ def test_bench_throughput_reports_speculation_on_the_grounded_workload(text_mode
     from slimlm.cli import main
 
     argv = ["bench", "throughput", text_model, "--input-len", "256", "--output-len", "8", "--concurrency", "2"]
-    argv += ["--repeats", "1", "--max-model-len", "512", "--json", "--workload", "grounded"]
+    argv += ["--repeats", "2", "--max-model-len", "512", "--json", "--workload", "grounded"]
     assert main(argv + ["--speculative-method", "ngram", "--num-speculative-tokens", "3"]) == 0
     r = json.loads(capsys.readouterr().out)
     s = r["speculative"]
@@ -369,3 +394,6 @@ def test_bench_throughput_reports_speculation_on_the_grounded_workload(text_mode
         assert s[phase]["measured_speedup"] > 0 and 0 <= s[phase]["acceptance_rate"] <= 1
         assert "predicted_speedup" in s[phase] and "mean_accepted_length" in s[phase]
     assert s["metrics"]["proposed_tokens"] >= s["metrics"]["accepted_tokens"]
+    # One ratio per round, each round on its own prompt: speculation and plain decoding of the same prompt.
+    runs = zip(r["decode_batch1_runs"], s["batch1"]["decode_plain_runs"], strict=True)
+    assert s["batch1"]["round_speedups"] == pytest.approx([a / b for a, b in runs])

@@ -21,6 +21,8 @@ class SpeculativeConfig:
     probe_interval: int = 32  # adaptive: every this many decode steps, re-measure the option not in use
     ewma_weight: float = 0.1  # adaptive: weight of the newest step in the running acceptance average
     min_speedup: float = 1.0  # adaptive: speculate only when the predicted speedup exceeds this
+    # adaptive: once off, a batch size turns speculation back on only above min_speedup * (1 + switch_margin)
+    switch_margin: float = 0.1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -43,6 +45,8 @@ class SpeculativeConfig:
             raise ValueError(f"ewma_weight must be in (0, 1], got {self.ewma_weight!r}")
         if not self.min_speedup > 0:
             raise ValueError(f"min_speedup must be positive, got {self.min_speedup!r}")
+        if not self.switch_margin >= 0:
+            raise ValueError(f"switch_margin must be >= 0, got {self.switch_margin!r}")
         if self.method == "ngram" and self.model is not None:
             raise ValueError("model must be None for method 'ngram' (prompt lookup needs no model)")
         if self.method == "draft" and not isinstance(self.model, str):

@@ -67,6 +67,7 @@ class Speculator:
             config.ewma_weight,
             config.min_speedup,
             config.disable_by_batch_size,
+            config.switch_margin,
         )
         self.stats = SpeculativeStats(method=config.method, max_k=config.num_speculative_tokens)
         self.enabled = True  # False: plain decode (benchmarks compare both on one engine)
