@@ -22,14 +22,19 @@ def build_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_queue: int | None = None,
+    stream_interval: int = 1,
+    engine_thread: bool = True,
 ) -> FastAPI:
     """The app takes the engine over: from startup to shutdown only its engine thread touches it.
 
     ``max_queue``: requests allowed to wait beyond the engine's ``max_num_seqs`` (None: no limit); past it,
     429. ``api_key``: required as ``Authorization: Bearer KEY`` on every route but /health.
+    ``stream_interval``: tokens per streamed chunk after the first (1: every token as it comes).
+    ``engine_thread=False``: the caller runs the engine's loop itself, on the thread that loaded the model
+    (``app.state.serve.engine.run_engine_loop()``, see ``slimlm.serve.engine_loop``).
     """
     metrics = ServerMetrics()
-    frontend = AsyncEngine(engine, metrics, max_queue)
+    frontend = AsyncEngine(engine, metrics, max_queue, stream_interval, engine_thread)
     state = ServeState(
         engine=frontend,
         tokens=Tokens(engine.tokenizer, engine.model_config.vocab_size, engine.max_model_len),

@@ -65,7 +65,7 @@ class ChatJob:
         self.created = int(time.time())
 
     async def respond(self, http_request: Request) -> Response:
-        group = self.state.engine.submit([(self.prompt_ids, self.params)])
+        group = self.state.engine.submit([(self.prompt_ids, self.params)], stream=self.request.stream)
         if self.request.stream:
             return EventStream(self._events(group), on_close=group.close)
         try:

@@ -28,12 +28,22 @@ def register(subparsers) -> None:
         default=None,
         help="requests that may wait beyond --max-num-seqs; more get 429 (default: no limit)",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="streamed chunks carry this many tokens after the first (default 1: each token as it comes); "
+        "larger values cost the server and its clients less CPU per token",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _engine_args(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     import torch
     import uvicorn
 
@@ -44,11 +54,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     if a.max_queue is not None and a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {a.max_queue}")
+    if a.stream_interval < 1:
+        raise ValueError(f"--stream-interval must be >= 1, got {a.stream_interval}")
     config = EngineConfig(model=str(a.model), **_engine_kwargs(a))
     torch.manual_seed(config.seed)
     engine = Engine(config)
-    app = build_app(engine, a.served_model_name, a.api_key, a.max_queue)
-    # uvicorn's SIGTERM/SIGINT handling is the graceful shutdown: stop accepting, let in-flight requests
-    # finish, then the app's lifespan stops the engine thread.
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    app = build_app(engine, a.served_model_name, a.api_key, a.max_queue, a.stream_interval, engine_thread=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level))
+    # The engine steps on this thread, the one that loaded it (one OpenMP pool: see slimlm.serve.engine_loop);
+    # HTTP is served from a second thread. SIGTERM/SIGINT reach only this thread, so it hands them to
+    # uvicorn's own handler: stop accepting, let in-flight requests finish, then the app's lifespan stops
+    # the engine's loop here.
+    http = threading.Thread(target=server.run, name="slimlm-http")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    while not server.started:
+        if not http.is_alive():  # e.g. the port is taken: uvicorn has logged why
+            return 1
+        http.join(0.05)
+    app.state.serve.engine.run_engine_loop()
+    http.join()
     return 0

@@ -65,7 +65,7 @@ class CompletionJob:
         return (prompt if isinstance(prompt, str) else None), self.tokens.check_prompt(ids, "prompt")
 
     async def respond(self, http_request: Request) -> Response:
-        group = self.state.engine.submit([(ids, self.params) for _, ids in self.prompts])
+        group = self.state.engine.submit([(ids, self.params) for _, ids in self.prompts], stream=self.request.stream)
         if self.request.stream:
             return EventStream(self._events(group), on_close=group.close)
         try:

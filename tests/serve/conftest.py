@@ -47,9 +47,13 @@ class LiveServer:
         self.thread.join(30)
 
 
-def start_server(model_path, api_key: str | None = None, max_queue: int | None = None, **engine) -> LiveServer:
+def start_server(
+    model_path, api_key: str | None = None, max_queue: int | None = None, stream_interval: int = 1, **engine
+) -> LiveServer:
     engine = Engine(EngineConfig(model=str(model_path), **{**ENGINE, **engine}))
-    app = build_app(engine, served_model_name=MODEL, api_key=api_key, max_queue=max_queue)
+    app = build_app(
+        engine, served_model_name=MODEL, api_key=api_key, max_queue=max_queue, stream_interval=stream_interval
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
