@@ -5,7 +5,9 @@ Each extension is compiled with ``torch.utils.cpp_extension`` (``-march=native``
 key hashes the sources, the torch and Python versions, the compiler flags and the CPU's model and feature
 flags, so a build for one CPU is never loaded on another. A finished build leaves a ``build.ok`` marker; a
 later process that finds it imports the ``.so`` directly (about 1 ms, no ninja run). Concurrent first builds
-are serialised by cpp_extension's lock file in the build directory.
+are serialised by an ``flock`` on ``<dir>/build.flock``, which the OS releases when its holder dies; the
+holder deletes a ``lock`` file that cpp_extension left behind when a build was killed (Ctrl-C, OOM), which
+would otherwise make every later build wait on it forever.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import importlib.util
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -83,6 +86,24 @@ def _import_so(name: str, path: Path) -> ModuleType:
     return module
 
 
+@contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``directory`` and clears cpp_extension's stale ``lock`` file."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: cpp_extension's own lock file is all there is
+        yield
+        return
+    with open(directory / "build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            # Every builder holds the flock, so a lock file seen now belongs to a builder that died.
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load_extension(
     prefix: str,
     sources: Sequence[Path],
@@ -98,7 +119,7 @@ def load_extension(
     ``cflags + ldflags``. Not thread-safe by itself: callers keep their own lock and module cache. Raises
     whatever the build raises.
     """
-    import torch  # libtorch must be loaded before the extension
+    import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
     if key is None:
         key = build_key([*sources, *depends], [*cflags, *ldflags])
@@ -107,23 +128,35 @@ def load_extension(
     so = directory / f"{name}.so"
     if (directory / _DONE).exists() and so.exists():
         return _import_so(name, so)
-    from torch.utils import cpp_extension
-
     for attempt in range(2):  # once more if the directory vanished under a concurrent cleanup
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            module = cpp_extension.load(
-                name=name,
-                sources=[str(s) for s in sources],
-                extra_cflags=list(cflags),  # cpp_extension extends these lists in place
-                extra_ldflags=list(ldflags),
-                build_directory=str(directory),
-                verbose=verbose,
-            )
-            break
+            with _exclusive(directory):
+                return _build_or_import(name, so, sources, cflags, ldflags, verbose)
         except (RuntimeError, OSError):
             if attempt or directory.exists():
                 raise
+    raise RuntimeError(f"could not create the build directory {directory}")
+
+
+def _build_or_import(
+    name: str, so: Path, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str], verbose: bool
+) -> ModuleType:
+    """Builds with cpp_extension and marks the build finished; imports instead if another process just did."""
+    import torch
+    from torch.utils import cpp_extension
+
+    directory = so.parent
+    if (directory / _DONE).exists() and so.exists():
+        return _import_so(name, so)
+    module = cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=list(cflags),  # cpp_extension extends these lists in place
+        extra_ldflags=list(ldflags),
+        build_directory=str(directory),
+        verbose=verbose,
+    )
     tmp = directory / f"{_DONE}.{os.getpid()}"
     tmp.write_text(torch.__version__ + "\n")
     tmp.replace(directory / _DONE)
