@@ -16,12 +16,16 @@
 #ifndef SLIMLM_SERIAL_BACKOFF_MIN
 #define SLIMLM_SERIAL_BACKOFF_MIN 8
 #endif
+#ifndef SLIMLM_LATE_STREAK
+#define SLIMLM_LATE_STREAK 2
+#endif
 
 namespace slimlm_kernels {
 
 inline std::atomic<int> g_serial_left{0};
 inline std::atomic<int> g_backoff{SLIMLM_SERIAL_BACKOFF_MIN};
 inline std::atomic<int64_t> g_late_events{0};
+inline std::atomic<int> g_late_streak{0};
 
 // Runs f(c) for c in [0, n) on up to get_num_threads() threads that claim items dynamically, so a
 // thread the OS delays does not hold back a fixed share of the work.
@@ -40,6 +44,12 @@ inline std::atomic<int64_t> g_late_events{0};
 // Measured on the 2-core VM, py-target at 16 concurrent sequences (offline engine, output tok/s, medians of
 // 3 interleaved rounds): with a process burning 2 ms of every 12, this backoff 1192, a fixed 128 calls 950,
 // no fallback 1069; with a process busy all the time, 363, 385 and 312.
+// The fallback starts only after SLIMLM_LATE_STREAK late calls in a row: one late call alone is mostly a
+// brief neighbour (a server's HTTP thread, woken for each streamed token), which the serial calls after it
+// would outlast. Measured in one session, py-target, 16 streams through `slimlm serve` over the offline
+// engine (`bench serve --offline-baseline`, medians of 3 interleaved rounds, each a separate run): streak 1
+// 0.79 / 0.85 / 0.68, streak 2 0.92 / 0.82 / 0.86, no fallback 0.86; offline beside a process busy all the
+// time, 3 runs each: streak 1 312-327 tok/s, streak 2 367-399, no fallback 299-424.
 // CPU time of the calling thread: unlike wall time it excludes the time the thread was descheduled.
 inline int64_t thread_cpu_ns() {
   timespec ts;
@@ -72,10 +82,16 @@ void parallel_dynamic(int64_t n, const F& f, bool adaptive) {
     const int backoff = g_backoff.load(std::memory_order_relaxed);
     if (wall > 2 * busy_ns.load() + 100000) {
       g_late_events.fetch_add(1, std::memory_order_relaxed);
-      g_serial_left.store(backoff, std::memory_order_relaxed);
-      g_backoff.store(std::min(2 * backoff, SLIMLM_SERIAL_BACKOFF), std::memory_order_relaxed);
-    } else if (backoff > SLIMLM_SERIAL_BACKOFF_MIN) {
-      g_backoff.store(std::max(backoff / 2, SLIMLM_SERIAL_BACKOFF_MIN), std::memory_order_relaxed);
+      if (g_late_streak.fetch_add(1, std::memory_order_relaxed) + 1 >= SLIMLM_LATE_STREAK) {
+        g_late_streak.store(0, std::memory_order_relaxed);
+        g_serial_left.store(backoff, std::memory_order_relaxed);
+        g_backoff.store(std::min(2 * backoff, SLIMLM_SERIAL_BACKOFF), std::memory_order_relaxed);
+      }
+    } else {
+      g_late_streak.store(0, std::memory_order_relaxed);
+      if (backoff > SLIMLM_SERIAL_BACKOFF_MIN) {
+        g_backoff.store(std::max(backoff / 2, SLIMLM_SERIAL_BACKOFF_MIN), std::memory_order_relaxed);
+      }
     }
   }
 }

@@ -666,6 +666,7 @@ py::dict config() {
   d["packed_max_m"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PACKED_MAX_M : 0;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
+  d["late_streak"] = SLIMLM_LATE_STREAK;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
   d["native_bf16_gemm"] = true;

@@ -449,6 +449,7 @@ py::dict config() {
   d["chunk_rows"] = g_chunk_rows;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
+  d["late_streak"] = SLIMLM_LATE_STREAK;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
   return d;
 }
