@@ -62,7 +62,7 @@ _GROUNDED_CUE = "\n\n# The same function again, unchanged:\n"
 
 def grounded_prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
     """Functions from the held-out stdlib-test split, then a cue and the function's first two lines again, so
-    a trained model's continuation copies the rest of the function (prompt lookup's and drafts' best case)."""
+    a model that can copy continues with the rest of the function (prompt lookup's and drafts' best case)."""
     import ast
     import textwrap
 
@@ -81,7 +81,10 @@ def grounded_prompts(tokenizer, count: int, length: int, seed: int) -> list[list
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 4:
                 source = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
-                head = "".join(source.splitlines(keepends=True)[:2])
+                # The head stops before its line break: byte-level BPE merges a line break with the next
+                # line's indentation, so a prompt ending in a bare "\n" tells the model the next line starts
+                # at column 0 (py-target then began a new top-level def instead of the function's body).
+                head = "".join(source.splitlines(keepends=True)[:2]).rstrip("\n")
                 ids = tokenizer.encode(source + _GROUNDED_CUE + head, add_special_tokens=False)
                 if length // 2 <= len(ids) <= length:
                     found.append(ids)
