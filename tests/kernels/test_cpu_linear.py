@@ -265,14 +265,13 @@ def test_256_bit_build_matches_too(mod, M, K, wdt):
         _check(m.linear_path(x, w, b, 1), x, w, b)
 
 
-def test_releases_the_gil_while_it_runs(mod):
-    """The server's event loop thread must run while the engine thread is inside a kernel. A kernel holding
-    the GIL would let no bytecode of another thread run between the call's start and its return."""
+def _stamps_during(call) -> tuple[float, int]:
+    """(seconds the call took, how often another Python thread ran meanwhile). A kernel holding the GIL lets
+    no bytecode of another thread run between the call's start and its return: the counter stamps once at
+    most, as the call returns (its sleep(0) hands the GIL straight back)."""
     import threading
     import time
 
-    w = torch.randn(8192, 4096).bfloat16()
-    x = torch.randn(64, 4096)
     done = threading.Event()
     started = threading.Event()
     stamps = []
@@ -287,11 +286,25 @@ def test_releases_the_gil_while_it_runs(mod):
     t.start()
     started.wait()
     t0 = time.perf_counter()
-    mod.linear_path(x, w, None, 1)  # ~4 GFLOP: tens of milliseconds
+    call()
     t1 = time.perf_counter()
     done.set()
     t.join()
-    # Holding the GIL, the counter could stamp once at most, as the call returns (its sleep(0) hands the GIL
-    # straight back); released, it stamps all through the call.
-    assert t1 - t0 > 0.005
-    assert sum(t0 < s < t1 for s in stamps) > 20
+    return t1 - t0, sum(t0 < s < t1 for s in stamps)
+
+
+def test_releases_the_gil_only_during_long_calls(mod):
+    """At SLIMLM_GIL_RELEASE_MACS multiply-adds and above the server's event loop thread runs while the engine
+    thread is inside the kernel; below it the GIL stays held: handing it to the event loop for every short
+    call made the engine thread wait for the loop's Python afterwards (common/gil.h)."""
+    limit = mod.config()["gil_release_macs"]
+    w = torch.randn(4096, 4096).bfloat16()
+    rows = limit // w.numel()
+    short, long = torch.randn(rows - 1, 4096), torch.randn(rows + 1, 4096)
+    mod.linear(short, w)  # warm-up: first-call costs are not what is measured
+    for call in (lambda: mod.linear_path(long, w, None, 2), lambda: mod.linear(long, w)):
+        seconds, stamps = _stamps_during(call)  # tens of milliseconds: hundreds of stamps when released
+        assert seconds > 0.005 and stamps > 50, (seconds, stamps)
+    # Held, a stamp or two can still land between the clock read and the call (a pending switch request).
+    seconds, stamps = _stamps_during(lambda: mod.linear(short, w))
+    assert seconds > 0.005 and stamps <= 5, (seconds, stamps)

@@ -29,7 +29,12 @@ from slimlm.kernels.build import cpu_flags
 
 _SRC = Path(__file__).with_name("linear.cpp")
 _COMMON = Path(__file__).parent.parent / "common"
-_DEPENDS = (_COMMON / "parallel.h", _COMMON / "avx512_bf16.h", Path(__file__).with_name("packed_gemm.h"))
+_DEPENDS = (
+    _COMMON / "parallel.h",
+    _COMMON / "gil.h",
+    _COMMON / "avx512_bf16.h",
+    Path(__file__).with_name("packed_gemm.h"),
+)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()

@@ -31,6 +31,7 @@
 
 #include <immintrin.h>
 
+#include "../common/gil.h"
 #include "../common/parallel.h"
 #include "packed_gemm.h"
 
@@ -667,6 +668,7 @@ py::dict config() {
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_streak"] = SLIMLM_LATE_STREAK;
+  d["gil_release_macs"] = SLIMLM_GIL_RELEASE_MACS;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
   d["native_bf16_gemm"] = true;
@@ -676,15 +678,24 @@ py::dict config() {
   return d;
 }
 
+at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return slimlm_kernels::gil_released_if_long(x.numel() * weight.size(0), [&] { return (linear)(x, weight, bias); });
+}
+
+at::Tensor linear_path_entry(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             int64_t path) {
+  return slimlm_kernels::gil_released_if_long(x.numel() * weight.size(0),
+                                              [&] { return linear_path(x, weight, bias, path); });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // The GIL is released while the kernel runs: in the server the event loop's thread formats and sends
-  // the streamed tokens meanwhile, instead of waiting for the engine thread's next Python bytecode.
-  m.def("linear", &linear, "y = x @ W.T + b (x fp32/bf16, W bf16/fp32, fp32 math, output in x's dtype)",
-        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("linear_path", &linear_path, "linear with a forced path: 0 auto, 1 streaming kernel, 2 sgemm, 3 packed GEMM",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("path"), py::call_guard<py::gil_scoped_release>());
+  // Prefill-sized calls release the GIL, decode-sized ones keep it (see common/gil.h).
+  m.def("linear", &linear_entry, "y = x @ W.T + b (x fp32/bf16, W bf16/fp32, fp32 math, output in x's dtype)",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+  m.def("linear_path", &linear_path_entry, "linear with a forced path: 0 auto, 1 streaming kernel, 2 sgemm, 3 packed GEMM",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("path"));
   m.def("read_probe", &read_probe, "benchmark helper: read a contiguous tensor with all threads, returns bytes read");
   m.def("set_chunk_rows", &set_chunk_rows, "benchmark helper: W rows per chunk on the GEMM path");
   m.def("config", &config, "compile-time constants of this build");

@@ -35,7 +35,7 @@ from slimlm.kernels import build
 
 _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "qlinear.cpp",)
-_DEPENDS = (_HERE / "int_kernels.h", _HERE.parent / "common" / "parallel.h")
+_DEPENDS = (_HERE / "int_kernels.h", _HERE.parent / "common" / "parallel.h", _HERE.parent / "common" / "gil.h")
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 _LDFLAGS = ("-fopenmp",)
 

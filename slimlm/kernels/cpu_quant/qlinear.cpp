@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "int_kernels.h"
+#include "../common/gil.h"
 #include "../common/parallel.h"
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -450,6 +451,7 @@ py::dict config() {
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_streak"] = SLIMLM_LATE_STREAK;
+  d["gil_release_macs"] = SLIMLM_GIL_RELEASE_MACS;
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
   return d;
 }
@@ -461,14 +463,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init(&make), py::arg("packed"), py::arg("scales"), py::arg("zu"), py::arg("perm"), py::arg("kind"),
            py::arg("K"), py::arg("Kp"), py::arg("gs"), py::arg("qb"), py::arg("zu0"), py::arg("w8a8"),
            py::arg("small_max"))
+      // Prefill-sized calls release the GIL, decode-sized ones keep it (see common/gil.h).
       .def(
-          "__call__", [](const QLinear& L, const at::Tensor& x, const c10::optional<at::Tensor>& b) {
-            return forward(L, x, b, 0);
+          "__call__",
+          [](const QLinear& L, const at::Tensor& x, const c10::optional<at::Tensor>& b) {
+            return slimlm_kernels::gil_released_if_long(x.numel() * L.N, [&] { return forward(L, x, b, 0); });
           },
-          // The GIL is released while the kernel runs (the server's event loop thread works meanwhile).
-          py::arg("x"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>())
-      .def("forward_path", &forward, py::arg("x"), py::arg("bias"), py::arg("path"),
-           py::call_guard<py::gil_scoped_release>())
+          py::arg("x"), py::arg("bias") = py::none())
+      .def(
+          "forward_path",
+          [](const QLinear& L, const at::Tensor& x, const c10::optional<at::Tensor>& b, int64_t path) {
+            return slimlm_kernels::gil_released_if_long(x.numel() * L.N,
+                                                        [&] { return forward(L, x, b, path); });
+          },
+          py::arg("x"), py::arg("bias"), py::arg("path"))
       // Copies share the (read-only) packed tensors, so modules holding a kernel can be deep-copied.
       .def("__copy__", [](const QLinear& L) { return L; })
       .def("__deepcopy__", [](const QLinear& L, py::dict) { return L; }, py::arg("memo"))
