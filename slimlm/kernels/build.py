@@ -128,36 +128,36 @@ def load_extension(
     so = directory / f"{name}.so"
     if (directory / _DONE).exists() and so.exists():
         return _import_so(name, so)
-    for attempt in range(2):  # once more if the directory vanished under a concurrent cleanup
-        directory.mkdir(parents=True, exist_ok=True)
-        try:
-            with _exclusive(directory):
-                return _build_or_import(name, so, sources, cflags, ldflags, verbose)
-        except (RuntimeError, OSError):
-            if attempt or directory.exists():
-                raise
-    raise RuntimeError(f"could not create the build directory {directory}")
+    try:
+        return _build(name, so, sources, cflags, ldflags, verbose)
+    except (RuntimeError, OSError):
+        if directory.exists():
+            raise
+    return _build(name, so, sources, cflags, ldflags, verbose)  # it vanished under a concurrent cleanup
 
 
-def _build_or_import(
+def _build(
     name: str, so: Path, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str], verbose: bool
 ) -> ModuleType:
-    """Builds with cpp_extension and marks the build finished; imports instead if another process just did."""
+    """Builds with cpp_extension under the directory's flock and marks the build finished; imports instead if
+    another process finished it while this one waited."""
     import torch
     from torch.utils import cpp_extension
 
     directory = so.parent
-    if (directory / _DONE).exists() and so.exists():
-        return _import_so(name, so)
-    module = cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in sources],
-        extra_cflags=list(cflags),  # cpp_extension extends these lists in place
-        extra_ldflags=list(ldflags),
-        build_directory=str(directory),
-        verbose=verbose,
-    )
-    tmp = directory / f"{_DONE}.{os.getpid()}"
-    tmp.write_text(torch.__version__ + "\n")
-    tmp.replace(directory / _DONE)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory):
+        if (directory / _DONE).exists() and so.exists():
+            return _import_so(name, so)
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=list(cflags),  # cpp_extension extends these lists in place
+            extra_ldflags=list(ldflags),
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+        tmp = directory / f"{_DONE}.{os.getpid()}"
+        tmp.write_text(torch.__version__ + "\n")
+        tmp.replace(directory / _DONE)
     return module

@@ -678,6 +678,7 @@ py::dict config() {
   return d;
 }
 
+// `(linear)`: the parentheses stop argument-dependent lookup from also finding at::linear.
 at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return slimlm_kernels::gil_released_if_long(x.numel() * weight.size(0), [&] { return (linear)(x, weight, bias); });
 }
