@@ -220,11 +220,7 @@ class Trainer:
                             loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_second=cfg.batch_tokens / seconds
                         )
                         append_jsonl(self.out_dir / "log.jsonl", record)
-                    # Fit the schedule to the time limit after 10 steps, then again every 20 steps. Not
-                    # sooner: the median of fewer steps follows one stalled step (seen: a 46 s step among
-                    # 5 s ones fitted a 2000-step schedule to 67 steps, and the warmup, a fifth of the
-                    # schedule, ended and then restarted when the next fit lengthened it again).
-                    if cfg.fit_to_time_limit and (timer.steps == 10 or timer.steps % 20 == 0):
+                    if cfg.fit_to_time_limit and self._refit_due(timer):
                         self._fit_schedule_to_time(timer)
                         progress.set_total(self.state.total_steps)
                     self._evaluate_and_checkpoint_when_due(loss, timer)
@@ -283,6 +279,18 @@ class Trainer:
         self.state.tokens_seen += self.config.batch_tokens
         self.state.train_seconds += seconds
         return loss, grad_norm, lr, seconds
+
+    def _refit_due(self, timer: RunTimer) -> bool:
+        # Fit the schedule to the time limit after 10 steps, then again every 20 steps. Not sooner: the
+        # median of fewer steps follows one stalled step (seen: a 46 s step among 5 s ones fitted a
+        # 2000-step schedule to 67 steps, and the warmup, a fifth of the schedule, ended and then restarted
+        # when the next fit lengthened it again). In the schedule's last tenth refit after every step, so
+        # that steps slowed since the last fit move the end in rather than leaving the run cut off short of
+        # it (seen: a fit at step 120 promised 142 steps, and time ran out at 136 on a busy machine).
+        if timer.steps < 10:
+            return False
+        last_tenth = self.state.total_steps - self.state.step <= max(1, self.state.total_steps // 10)
+        return timer.steps == 10 or timer.steps % 20 == 0 or last_tenth
 
     def _fitted_schedule_nearly_done(self) -> bool:
         left = self.state.total_steps - self.state.step

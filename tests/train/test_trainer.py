@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -226,6 +227,23 @@ def test_fit_to_time_limit_shortens_the_schedule(tmp_path):
     metrics = Trainer(config).fit()
     assert metrics["total_steps"] < 10**6  # the cosine schedule was fitted to the time limit
     assert metrics["steps"] <= metrics["total_steps"] and metrics["train_seconds"] < 8.0
+
+
+def test_a_time_fitted_run_whose_steps_slow_down_still_completes(tmp_path, monkeypatch):
+    # A busy machine slows the steps after the last periodic fit; the schedule's end must follow the time.
+    config = micro_config(tmp_path, "slowing", max_steps=10**6, time_limit=3.0, fit_to_time_limit=True)
+    trainer = Trainer(config)
+    step_fast = trainer.train_step
+    started = time.perf_counter()
+
+    def slowing_step(step):
+        time.sleep(max(0.0, time.perf_counter() - started - 1.0) * 0.02)  # 0 ms, then 20 ms more per second
+        return step_fast(step)
+
+    monkeypatch.setattr(trainer, "train_step", slowing_step)
+    metrics = trainer.fit()
+    assert metrics["completed"] and metrics["total_steps"] < 10**6
+    assert metrics["steps"] == metrics["total_steps"]
 
 
 def test_a_finished_time_fitted_run_resumes_for_more_time(tmp_path):
