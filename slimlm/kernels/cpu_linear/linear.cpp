@@ -90,6 +90,17 @@ static int64_t small_max(at::ScalarType wt, int64_t K) {
   return K < kLongK ? SLIMLM_SMALL_MAX_F32_SHORT_K : SLIMLM_SMALL_MAX_F32_LONG_K;
 }
 
+// How far ahead of its loads the streaming kernel prefetches each of its R row streams (AVX-512 build). The
+// hardware prefetcher alone leaves the R streams short of bandwidth once a block's FMAs slow the loads
+// down (M >= 2). Measured on the 2-core Ice Lake VM (2 threads, cold W, interleaved medians, bf16 W, us,
+// none / 1 KB ahead): py-target gate_up 2048x384 M=1 85 / 75, M=2 97 / 83, M=5 118 / 99, M=8 163 / 151;
+// lm_head 8192x384 M=1 287 / 257, M=5 328 / 264; smollm2 gate_up 3072x576 M=5 232 / 199; tinyllama
+// gate_up 11264x2048 M=1 2078 / 1920, M=5 2760 / 2608, M=8 3680 / 3728. 512 bytes ahead gained less at
+// M >= 3; 1.5 and 2 KB about the same as 1 KB or slightly slower.
+#ifndef SLIMLM_PREFETCH_BYTES
+#define SLIMLM_PREFETCH_BYTES 1024
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // The streaming kernel's vector width. With AVX-512 (F + BW + DQ) one step covers KB = 32 K-elements in
 // 512-bit registers, otherwise KB = 16 in 256-bit ones. Measured on a 2-core Ice Lake VM: 512-bit FMAs
@@ -180,6 +191,11 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64
     // 32 registers hold all R rows' W halves: each x vector is loaded once per step, not R times
     // (with x reloaded per row, loads outnumbered FMAs and capped M >= 4 at ~115 GFLOP/s).
     VF wlo[R], whi[R];
+#if SLIMLM_PREFETCH_BYTES > 0
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k) + SLIMLM_PREFETCH_BYTES, _MM_HINT_T0);
+#endif
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) L::load(rows[r] + k, wlo[r], whi[r]);
 #pragma GCC unroll 16
@@ -663,6 +679,7 @@ py::dict config() {
   d["chunk_rows"] = g_chunk_rows;
   d["avx512"] = SLIMLM_LINEAR_AVX512 != 0;
   d["block_r"] = SLIMLM_BLOCK_R;
+  d["prefetch_bytes"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PREFETCH_BYTES : 0;
   d["block_mb"] = SLIMLM_BLOCK_MB;
   d["packed_max_m"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PACKED_MAX_M : 0;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;

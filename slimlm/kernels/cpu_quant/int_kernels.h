@@ -108,8 +108,11 @@ static inline void pin(__m256i& v) {
   if constexpr (MB > 1) __asm__("" : "+x"(v));
 }
 
-// Software prefetch distance (bytes) of each weight stream at M = 1; 0: off. 1024 measured 0-5% faster than
-// none (K = 5632 most) on a cold weight, one or two threads.
+// Software prefetch distance (bytes) of each weight stream; 0: off. 1024 measured 0-5% faster than none at
+// M = 1 (K = 5632 most) on a cold weight, one or two threads. At M >= 2, where a block's integer work slows
+// the loads, prefetching was first left out, and measured since (2 threads, cold W, interleaved medians, us,
+// M=1 only / every M): tinyllama gate_up 11264x2048 int8 M=2 1873 / 1595, M=4 2292 / 1928, M=8 4265 / 4153;
+// int4 M=2 1495 / 1360, M=4 2197 / 2076; down 2048x5632 int4 M=2 764 / 652, M=8 2188 / 2200.
 #ifndef SLIMLM_QUANT_PREFETCH
 #define SLIMLM_QUANT_PREFETCH 1024
 #endif
@@ -179,7 +182,7 @@ static inline void block_dot(const uint8_t* __restrict w, int64_t rs, const floa
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const uint8_t* wp = w + r * rs + b * kBlockBytes;
-        if constexpr (SLIMLM_QUANT_PREFETCH > 0 && MB == 1)
+        if constexpr (SLIMLM_QUANT_PREFETCH > 0)
           for (int64_t o = 0; o < kBlockBytes; o += 64)
             _mm_prefetch(reinterpret_cast<const char*>(wp + SLIMLM_QUANT_PREFETCH + o), _MM_HINT_T0);
         __m256i acc[MB], acc1[MB];
