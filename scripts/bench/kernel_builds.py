@@ -2,7 +2,7 @@
 
 usage: .venv/bin/python scripts/bench/kernel_builds.py linear|quant SPEC SPEC ...   (SPEC: NAME=V,NAME=V
        without the SLIMLM_ prefix, e.g. PREFETCH_BYTES=0; an empty SPEC '' is the default build)
-       env MS=1,2,5,8 picks the rows of x.
+       env MS=1,2,5,8 picks the rows of x; KINDS=int8,int4,w8a8,nf4 the quantized kernels (int8,int4).
 
 Per call each build gets its own copy of the weight from a set larger than the last-level cache, so no
 build reads what another has just loaded (with one shared weight the second build read it from cache and
@@ -48,7 +48,8 @@ def main() -> None:
     kind, specs = sys.argv[1], sys.argv[2:]
     ms = [int(m) for m in os.environ.get("MS", "1,2,5,8").split(",")]
     g = torch.Generator().manual_seed(0)
-    for qkind in ("bf16",) if kind == "linear" else ("int8", "int4"):
+    qkinds = os.environ.get("KINDS", "int8,int4").split(",")
+    for qkind in ("bf16",) if kind == "linear" else qkinds:
         for name, (n, k) in (LINEAR_SHAPES if kind == "linear" else QUANT_SHAPES).items():
             count = max(2, COLD_BYTES // (n * k * (2 if kind == "linear" else 1)))
             if kind == "linear":
@@ -58,12 +59,17 @@ def main() -> None:
                 copies = []
                 for _ in range(count):
                     scale = torch.rand(n, 1, generator=g) * 1e-3 + 1e-4
-                    if qkind == "int8":
+                    if qkind in ("int8", "w8a8"):
                         codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-                        copies.append((codes, scale, QuantLinearSpec(8, -1, "int", None)))
+                        act = "int8-token" if qkind == "w8a8" else None
+                        copies.append((codes, scale, QuantLinearSpec(8, -1, "int", act)))
+                    elif qkind == "nf4":
+                        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int8)
+                        copies.append((codes, scale.expand(n, k // 64).contiguous(), QuantLinearSpec(4, 64, "nf4")))
                     else:
+                        group = 32 if qkind == "int4-g32" else 128
                         codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-                        copies.append((codes, scale.expand(n, k // 128).contiguous(), QuantLinearSpec(4, 128)))
+                        copies.append((codes, scale.expand(n, k // group).contiguous(), QuantLinearSpec(4, group)))
                 kernels = {s: quant_kernels(s, n, k, copies) for s in specs}
             for m in ms:
                 x = torch.randn(m, k).bfloat16()

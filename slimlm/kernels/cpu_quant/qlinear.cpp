@@ -211,22 +211,54 @@ static void small_range(const Job& J, int64_t n0, int64_t n1) {
 #ifndef SLIMLM_QUANT_R1
 #define SLIMLM_QUANT_R1 4  // W rows per register block at M = 1 (4 measured 5-10% faster than 8)
 #endif
-#ifndef SLIMLM_QUANT_RM
-#define SLIMLM_QUANT_RM 1  // ... at M > 1, with up to SLIMLM_QUANT_MB rows of x
+// Register blocks at M > 1: R W rows x up to MB x rows, by weight kind. The W rows of a block share each x
+// chunk's load, and the x rows share each W chunk's unpacking. Measured on the 2-core Ice Lake VM (2 threads,
+// cold W, interleaved medians, us; the old block of 1 W row x 4 x rows / the new one), tinyllama 11264x2048
+// and 2048x5632: int4 g128 (3 x 4) M=2 835 / 560 and 444 / 334, M=8 2261 / 1780 and 1372 / 1064, M=16 4467 /
+// 4009 and 2623 / 1765; int8 (2 x 6) M=2 1309 / 1068 and 693 / 551, M=8 2188 / 1964 and 1211 / 1068, M=16
+// 3845 / 3867 and 2168 / 2092. 3 x 4 for int8 lost at M=16 (4629 us), 2 x 6 for int4 gained less.
+// Group size 32 (SPLIT: a second accumulator per pair) keeps 1 x 4: 3 x 4 would need 36 registers.
+#ifndef SLIMLM_QUANT_RM_U4
+#define SLIMLM_QUANT_RM_U4 3  // unsigned nibbles and NF4
 #endif
-#ifndef SLIMLM_QUANT_MB
-#define SLIMLM_QUANT_MB 4
+#ifndef SLIMLM_QUANT_MB_U4
+#define SLIMLM_QUANT_MB_U4 4
+#endif
+#ifndef SLIMLM_QUANT_RM_S8
+#define SLIMLM_QUANT_RM_S8 2  // int8 codes, weight-only and W8A8
+#endif
+#ifndef SLIMLM_QUANT_MB_S8
+#define SLIMLM_QUANT_MB_S8 6
+#endif
+#ifndef SLIMLM_QUANT_RM_SPLIT
+#define SLIMLM_QUANT_RM_SPLIT 1
+#endif
+#ifndef SLIMLM_QUANT_MB_SPLIT
+#define SLIMLM_QUANT_MB_SPLIT 4
 #endif
 #ifndef SLIMLM_TASK_BYTES
 #define SLIMLM_TASK_BYTES 262144
 #endif
 
+static bool split_groups(const QLinear& L) { return !L.w8a8 && L.GS < L.QB; }
+
+// W rows per register block (tasks hold whole blocks).
+static int64_t rows_per_block(const QLinear& L, int64_t M) {
+  if (M == 1) return SLIMLM_QUANT_R1;
+  if (split_groups(L)) return SLIMLM_QUANT_RM_SPLIT;
+  return L.kind == kS8 ? SLIMLM_QUANT_RM_S8 : SLIMLM_QUANT_RM_U4;
+}
+
 template <class WL, class OutT>
 static void small_dispatch(const Job& J, int64_t n0, int64_t n1) {
   if (J.M == 1)
     small_range<WL, SLIMLM_QUANT_R1, 1, OutT>(J, n0, n1);
+  else if (split_groups(*J.L))
+    small_range<WL, SLIMLM_QUANT_RM_SPLIT, SLIMLM_QUANT_MB_SPLIT, OutT>(J, n0, n1);
+  else if constexpr (std::is_same_v<WL, S8>)
+    small_range<WL, SLIMLM_QUANT_RM_S8, SLIMLM_QUANT_MB_S8, OutT>(J, n0, n1);
   else
-    small_range<WL, SLIMLM_QUANT_RM, SLIMLM_QUANT_MB, OutT>(J, n0, n1);
+    small_range<WL, SLIMLM_QUANT_RM_U4, SLIMLM_QUANT_MB_U4, OutT>(J, n0, n1);
 }
 
 template <class OutT>
@@ -262,7 +294,7 @@ static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor&
 
   Job J{&L, XQ{q, L.Kp, d, L.NB, zs, L.G}, M, b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr()};
   // Tasks of 32-256 KB of packed W, fewer bytes when M is larger (more work per byte), at least 2 per thread.
-  const int64_t R = M == 1 ? SLIMLM_QUANT_R1 : SLIMLM_QUANT_RM;
+  const int64_t R = rows_per_block(L, M);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   const int64_t cap = std::clamp<int64_t>(4 * SLIMLM_TASK_BYTES / M, 32768, SLIMLM_TASK_BYTES);
   const int64_t task_bytes = std::min<int64_t>(cap, std::max<int64_t>(32768, N * L.row_bytes / (2 * nt)));
@@ -442,8 +474,12 @@ int64_t read_probe(const at::Tensor& t) {
 py::dict config() {
   py::dict d;
   d["r1"] = SLIMLM_QUANT_R1;
-  d["rm"] = SLIMLM_QUANT_RM;
-  d["mb"] = SLIMLM_QUANT_MB;
+  d["rm_u4"] = SLIMLM_QUANT_RM_U4;
+  d["mb_u4"] = SLIMLM_QUANT_MB_U4;
+  d["rm_s8"] = SLIMLM_QUANT_RM_S8;
+  d["mb_s8"] = SLIMLM_QUANT_MB_S8;
+  d["rm_split"] = SLIMLM_QUANT_RM_SPLIT;
+  d["mb_split"] = SLIMLM_QUANT_MB_SPLIT;
   d["task_bytes"] = SLIMLM_TASK_BYTES;
   d["prefetch"] = SLIMLM_QUANT_PREFETCH;
   d["vnni"] = bool(SLIMLM_QUANT_VNNI);
