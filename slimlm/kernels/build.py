@@ -12,6 +12,7 @@ would otherwise make every later build wait on it forever.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -28,6 +29,7 @@ __all__ = ["build_dir", "build_key", "cache_root", "cpu_flags", "cpu_signature",
 _DONE = "build.ok"
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> str:
     """The ``flags`` line of /proc/cpuinfo, sorted (or the platform's best equivalent)."""
     try:

@@ -246,3 +246,18 @@ def test_w8a8_vnni_and_avx2_agree_bit_for_bit(mod):
     avx2 = cpu_quant.prepare(codes, scales, None, None, spec, defines={"SLIMLM_QUANT_VNNI": 0})
     x = torch.randn(9, 320, generator=torch.Generator().manual_seed(6))
     assert torch.equal(default(x, None), avx2(x, None))
+
+
+def test_the_integer_kernel_runs_up_to_its_crossover_and_sgemm_above():
+    """``small_max`` rows and fewer take the integer kernel, more take dequantize + sgemm (bit for bit); the
+    crossover is lower where sgemm has AVX-512."""
+    for kind in (cpu_quant.KIND_U4, cpu_quant.KIND_S8, cpu_quant.KIND_NF4):
+        assert cpu_quant.small_max(kind, "avx2 avx512f fma") < cpu_quant.small_max(kind, "avx2 fma")
+    codes, scales, zeros, _, spec = _weight(24, 128, 4, 64, False)
+    kernel = cpu_quant.prepare(codes, scales, zeros, None, spec)
+    limit = cpu_quant.small_max(cpu_quant.KIND_U4)
+    g = torch.Generator().manual_seed(3)
+    for m, path in ((limit, 1), (limit + 1, 2)):
+        x = torch.randn(m, 128, generator=g)
+        assert torch.equal(kernel(x), kernel.forward_path(x, None, path))
+        assert not torch.equal(kernel(x), kernel.forward_path(x, None, 3 - path))

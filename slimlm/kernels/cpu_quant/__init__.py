@@ -45,7 +45,19 @@ CHANNEL_BLOCK = 128  # x-quantization block of channel-wise weights (a group siz
 # Largest M that runs the integer kernel; above it dequantize + sgemm. Measured on the 2-core Zen 3 (one
 # thread, cold 11264x2048 weight, vs the sgemm path): int4 int kernel 1.24x at M=256, 0.91x at 512; int8
 # equal at 256, 0.91x at 512; NF4's signed LUT kernel is slower (about bf16 speed from M=4 up), equal near 96.
-SMALL_MAX = {KIND_U4: 320, KIND_S8: 256, KIND_NF4: 96}
+SMALL_MAX_AVX2 = {KIND_U4: 320, KIND_S8: 256, KIND_NF4: 96}
+# With AVX-512 sgemm runs twice as wide while the integer kernels stay 256-bit, so the sgemm path wins much
+# sooner. Measured on the 2-core Ice Lake VM (2 threads, cold tinyllama gate_up 11264x2048 and down 2048x5632,
+# integer kernel time / sgemm path time): int8 M=80 0.95 and 0.99, M=112 1.12 and 1.02; int4 M=112 1.04 and
+# 0.91, M=128 1.07 and 0.90, M=160 1.27 and 0.95; NF4 M=48 1.09 and 0.90, M=80 1.25 and 1.17.
+SMALL_MAX_AVX512 = {KIND_U4: 128, KIND_S8: 96, KIND_NF4: 48}
+
+
+def small_max(kind: int, flags: str | None = None) -> int:
+    """The integer kernel's largest M for ``kind`` on a CPU with these ``/proc/cpuinfo`` flags (this one)."""
+    flags = build.cpu_flags() if flags is None else flags
+    return (SMALL_MAX_AVX512 if "avx512f" in flags.split() else SMALL_MAX_AVX2)[kind]
+
 
 _lock = threading.Lock()
 _modules: dict[tuple, ModuleType] = {}
@@ -154,7 +166,7 @@ def prepare(codes, scales, zero_points, g_idx, spec, defines: dict[str, int] | N
         qb,
         zu0,
         w8a8,
-        SMALL_MAX[kind],
+        small_max(kind),
     )
 
 
