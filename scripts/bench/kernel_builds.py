@@ -35,12 +35,13 @@ def defines(spec: str) -> dict[str, int]:
     return {f"SLIMLM_{kv.split('=')[0]}": int(kv.split("=")[1]) for kv in spec.split(",") if kv}
 
 
-def linear_kernels(spec: str, n: int, k: int, copies: list) -> list:
+def linear_kernels(spec: str, copies: list) -> list:
+    """Callables ``(x, bias)`` like the quantized kernels, one per weight copy."""
     lin = cpu_linear.load(defines=defines(spec)).linear
-    return [lambda x, w=w: lin(x, w, None) for w in copies]
+    return [lambda x, bias, w=w: lin(x, w, bias) for w in copies]
 
 
-def quant_kernels(spec: str, n: int, k: int, copies: list) -> list:
+def quant_kernels(spec: str, copies: list) -> list:
     return [cpu_quant.prepare(codes, scales, None, None, qs, defines=defines(spec)) for codes, scales, qs in copies]
 
 
@@ -54,7 +55,7 @@ def main() -> None:
             count = max(2, COLD_BYTES // (n * k * (2 if kind == "linear" else 1)))
             if kind == "linear":
                 copies = [torch.randn(n, k, generator=g).bfloat16() for _ in range(count)]
-                kernels = {s: linear_kernels(s, n, k, copies) for s in specs}
+                kernels = {s: linear_kernels(s, copies) for s in specs}
             else:
                 copies = []
                 for _ in range(count):
@@ -70,7 +71,7 @@ def main() -> None:
                         group = 32 if qkind == "int4-g32" else 128
                         codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
                         copies.append((codes, scale.expand(n, k // group).contiguous(), QuantLinearSpec(4, group)))
-                kernels = {s: quant_kernels(s, n, k, copies) for s in specs}
+                kernels = {s: quant_kernels(s, copies) for s in specs}
             for m in ms:
                 x = torch.randn(m, k).bfloat16()
                 times = {s: [] for s in specs}
@@ -78,7 +79,7 @@ def main() -> None:
                     for i, s in enumerate(specs):
                         fn = kernels[s][(r * len(specs) + i) % count]
                         t0 = time.perf_counter_ns()
-                        fn(x, None) if kind == "quant" else fn(x)
+                        fn(x, None)
                         times[s].append(time.perf_counter_ns() - t0)
                 cells = "  ".join(f"{s or 'default'}: {statistics.median(v[4:]) / 1000:8.1f}" for s, v in times.items())
                 print(f"{qkind} {name} {n}x{k} M={m}: {cells}", flush=True)

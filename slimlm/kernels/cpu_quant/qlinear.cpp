@@ -242,11 +242,18 @@ static void small_range(const Job& J, int64_t n0, int64_t n1) {
 
 static bool split_groups(const QLinear& L) { return !L.w8a8 && L.GS < L.QB; }
 
-// W rows per register block (tasks hold whole blocks).
+// The register block (W rows R x up to MB x rows) of a weight loader at M > 1 without split groups.
+template <class WL>
+struct BlockM {
+  static constexpr int R = std::is_same_v<WL, S8> ? SLIMLM_QUANT_RM_S8 : SLIMLM_QUANT_RM_U4;
+  static constexpr int MB = std::is_same_v<WL, S8> ? SLIMLM_QUANT_MB_S8 : SLIMLM_QUANT_MB_U4;
+};
+
+// W rows per register block (tasks hold whole blocks): the R that small_dispatch runs for L's loader.
 static int64_t rows_per_block(const QLinear& L, int64_t M) {
   if (M == 1) return SLIMLM_QUANT_R1;
   if (split_groups(L)) return SLIMLM_QUANT_RM_SPLIT;
-  return L.kind == kS8 ? SLIMLM_QUANT_RM_S8 : SLIMLM_QUANT_RM_U4;
+  return L.kind == kS8 ? BlockM<S8>::R : BlockM<U4>::R;  // NF4 blocks as U4 does
 }
 
 template <class WL, class OutT>
@@ -255,10 +262,8 @@ static void small_dispatch(const Job& J, int64_t n0, int64_t n1) {
     small_range<WL, SLIMLM_QUANT_R1, 1, OutT>(J, n0, n1);
   else if (split_groups(*J.L))
     small_range<WL, SLIMLM_QUANT_RM_SPLIT, SLIMLM_QUANT_MB_SPLIT, OutT>(J, n0, n1);
-  else if constexpr (std::is_same_v<WL, S8>)
-    small_range<WL, SLIMLM_QUANT_RM_S8, SLIMLM_QUANT_MB_S8, OutT>(J, n0, n1);
   else
-    small_range<WL, SLIMLM_QUANT_RM_U4, SLIMLM_QUANT_MB_U4, OutT>(J, n0, n1);
+    small_range<WL, BlockM<WL>::R, BlockM<WL>::MB, OutT>(J, n0, n1);
 }
 
 template <class OutT>
