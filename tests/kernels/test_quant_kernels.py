@@ -249,15 +249,68 @@ def test_w8a8_vnni_and_avx2_agree_bit_for_bit(mod):
 
 
 def test_the_integer_kernel_runs_up_to_its_crossover_and_sgemm_above():
-    """``small_max`` rows and fewer take the integer kernel, more take dequantize + sgemm (bit for bit); the
-    crossover is lower where sgemm has AVX-512."""
+    """``small_max`` rows and fewer take the vector integer kernel, up to ``tile_max`` the AMX kernel (where the
+    CPU has one), more take dequantize + sgemm (bit for bit); the crossover is lower where sgemm has AVX-512."""
     for kind in (cpu_quant.KIND_U4, cpu_quant.KIND_S8, cpu_quant.KIND_NF4):
         assert cpu_quant.small_max(kind, "avx2 avx512f fma") < cpu_quant.small_max(kind, "avx2 fma")
+        amx = "avx2 avx512f fma amx_tile amx_int8"
+        assert cpu_quant.small_max(kind, amx) < cpu_quant.small_max(kind, amx, tiles=False)
+        assert cpu_quant.tile_max(kind, False, amx) == cpu_quant.small_max(kind, "avx2 avx512f fma")
+        assert cpu_quant.tile_max(kind, False, "avx2 avx512f fma") == 0
     codes, scales, zeros, _, spec = _weight(24, 128, 4, 64, False)
     kernel = cpu_quant.prepare(codes, scales, zeros, None, spec)
-    limit = cpu_quant.small_max(cpu_quant.KIND_U4)
+    assert kernel.small_max == cpu_quant.small_max(cpu_quant.KIND_U4)
+    assert kernel.tile_max == cpu_quant.tile_max(cpu_quant.KIND_U4, False)
     g = torch.Generator().manual_seed(3)
-    for m, path in ((limit, 1), (limit + 1, 2)):
+    top = max(kernel.small_max, kernel.tile_max)
+    for m, path in ((kernel.small_max, 1), (top, 3 if kernel.tile_max else 1), (top + 1, 2)):
         x = torch.randn(m, 128, generator=g)
         assert torch.equal(kernel(x), kernel.forward_path(x, None, path))
-        assert not torch.equal(kernel(x), kernel.forward_path(x, None, 3 - path))
+        if path != 3:
+            assert not torch.equal(kernel(x), kernel.forward_path(x, None, 3 - path))
+
+
+AMX_CASES = [
+    # bits, group, symmetric, kind, act_order
+    (4, 128, True, "int", False),
+    (4, 64, False, "int", False),
+    (4, -1, False, "int", True),
+    (3, 128, False, "int", True),
+    (8, -1, True, "int", False),
+    (8, 128, False, "int", False),
+    (4, 64, True, "nf4", False),
+    (8, -1, True, "w8a8", False),
+]
+
+
+@pytest.mark.parametrize("bits,group,symmetric,kind,act_order", AMX_CASES)
+def test_the_amx_kernel_equals_the_vector_kernel(mod, bits, group, symmetric, kind, act_order):
+    """AMX-INT8's tiles form the same integer sums per x-block as the vector kernel; only the fp32 folding of
+    the blocks runs in another order (1e-7 relative), and W8A8 (one block) gives the same bits. Every tile
+    layout (M <= 16: one x tile; above: pairs, the last one half used), partial blocks of W rows, padded
+    inputs. Without AMX, forcing that path is a clear error."""
+    n, k = 100, 200 if group == -1 else 384
+    w8a8 = kind == "w8a8"
+    codes, scales, zeros, g_idx, spec = _weight(n, k, bits, group, symmetric, "int" if w8a8 else kind, act_order)
+    if w8a8:
+        spec = QuantLinearSpec(8, -1, "int", "int8-token")
+    kernel = cpu_quant.prepare(codes, scales, zeros, g_idx, spec)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(n, generator=g)
+    if not mod.config()["amx"]:
+        with pytest.raises(RuntimeError, match="AMX"):
+            kernel.forward_path(torch.randn(5, k, generator=g), None, 3)
+        return
+    for m in (1, 5, 16, 17, 40):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            for b in (None, bias):
+                y, ref = kernel.forward_path(x, b, 3), kernel.forward_path(x, b, 1)
+                if w8a8:
+                    assert torch.equal(y, ref), (m, dtype)
+                elif dtype == torch.float32:
+                    assert (y - ref).abs().max() <= 1e-6 * ref.abs().max(), (m, dtype)
+                else:  # fp32 results 1e-7 apart may round to bf16 one ulp apart
+                    y, ref = y.float(), ref.float()
+                    tol = 2**-7 * ref.abs() + 1e-6 * ref.abs().max()
+                    assert ((y - ref).abs() <= tol).all(), (m, dtype)

@@ -12,11 +12,14 @@ call path) holding the weight in the kernel's layout, built once from the canoni
 - act-order ``g_idx`` whose groups are a permutation of contiguous equal groups: the columns are permuted
   once so the groups become contiguous, and x's columns are gathered through the same permutation per call.
 
-Up to ``small_max`` rows of x the integer kernels run (x quantized to int8 per block of 64-256 inputs,
+Up to ``small_max`` rows of x the integer (vector) kernels run (x quantized to int8 per block of 64-256 inputs,
 ``maddubs``), which change the result slightly: x's rounding (absmax / 254 per input) gives a relative
 error of 6e-3 to 8e-3 against the fp32 reference on Gaussian x (tested: <= 1e-2), more where a block of x
 holds an outlier, as with llama.cpp's int8 activations. Above it, W is dequantized exactly as the reference
-does, in chunks, and multiplied by sgemm. W8A8 always runs the integer kernel, bit-exact with the reference.
+does, in chunks, and multiplied by sgemm (on AMX CPUs with bf16 x: rounded to bf16, as a bf16 model's reference
+does, and multiplied by oneDNN's bf16 GEMM). W8A8 always runs the integer kernel, bit-exact with the reference.
+On CPUs with AMX-INT8 the integer scheme runs on the tile unit (``amx_tiles.h``) from ``small_max`` to
+``tile_max`` rows, with the same results.
 Cases these kernels do not cover (g_idx that are not a permutation of contiguous groups, group sizes other
 than 32 or a multiple of 64) make ``prepare`` return None (the dispatch then runs the reference).
 
@@ -35,7 +38,12 @@ from slimlm.kernels import build
 
 _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "qlinear.cpp",)
-_DEPENDS = (_HERE / "int_kernels.h", _HERE.parent / "common" / "parallel.h", _HERE.parent / "common" / "gil.h")
+_DEPENDS = (
+    _HERE / "int_kernels.h",
+    _HERE / "amx_tiles.h",
+    _HERE.parent / "common" / "parallel.h",
+    _HERE.parent / "common" / "gil.h",
+)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 _LDFLAGS = ("-fopenmp",)
 
@@ -51,12 +59,37 @@ SMALL_MAX_AVX2 = {KIND_U4: 320, KIND_S8: 256, KIND_NF4: 96}
 # integer kernel time / sgemm path time): int8 M=80 0.95 and 0.99, M=112 1.12 and 1.02; int4 M=112 1.04 and
 # 0.91, M=128 1.07 and 0.90, M=160 1.27 and 0.95; NF4 M=48 1.09 and 0.90, M=80 1.25 and 1.17.
 SMALL_MAX_AVX512 = {KIND_U4: 128, KIND_S8: 96, KIND_NF4: 48}
+# With AMX-INT8 the same integer scheme runs on the tile unit above these M (not for group size 32, whose two
+# scales per x-block the tiles do not split). Measured on a 2-core AMX KVM guest (2 threads, cold tinyllama
+# gate_up 11264x2048 and down 2048x5632, us, vector kernel / tile kernel): int4 M=6 1173/1266 and 560/622, M=8
+# 1538/1300 and 799/661; int8 M=4 1155/1274 and 581/596, M=5 1333/1318 and 689/615; NF4 M=4 1183/1306 and
+# 634/657, M=5 1504/1368 and 792/657; W8A8 (int8 rows) M=3 1446/1397 and 737/588.
+# The tile kernel takes over the vector kernel's M range only, up to SMALL_MAX_AVX512, so results are the same
+# on every x86 CPU (prefill-sized calls, perplexity windows included, stay exact dequantize + sgemm).
+SMALL_MAX_AMX = {KIND_U4: 6, KIND_S8: 4, KIND_NF4: 4}
 
 
-def small_max(kind: int, flags: str | None = None) -> int:
-    """The integer kernel's largest M for ``kind`` on a CPU with these ``/proc/cpuinfo`` flags (this one)."""
-    flags = build.cpu_flags() if flags is None else flags
-    return (SMALL_MAX_AVX512 if "avx512f" in flags.split() else SMALL_MAX_AVX2)[kind]
+def small_max(kind: int, flags: str | None = None, tiles: bool = True) -> int:
+    """The vector integer kernel's largest M for ``kind`` on a CPU with these ``/proc/cpuinfo`` flags (this one).
+
+    ``tiles``: whether the weight can take the AMX kernel (any layout but group size 32).
+    """
+    names = (build.cpu_flags() if flags is None else flags).split()
+    if tiles and has_amx(names):
+        return SMALL_MAX_AMX[kind]
+    return (SMALL_MAX_AVX512 if "avx512f" in names else SMALL_MAX_AVX2)[kind]
+
+
+def tile_max(kind: int, w8a8: bool, flags: str | None = None) -> int:
+    """The AMX kernel's largest M (0: none): the integer scheme's range, and every M for W8A8 (bit-exact)."""
+    names = (build.cpu_flags() if flags is None else flags).split()
+    if not has_amx(names):
+        return 0
+    return 1 << 62 if w8a8 else SMALL_MAX_AVX512[kind]
+
+
+def has_amx(flags: list[str]) -> bool:
+    return {"amx_int8", "amx_tile"} <= set(flags)
 
 
 _lock = threading.Lock()
@@ -154,7 +187,7 @@ def prepare(codes, scales, zero_points, g_idx, spec, defines: dict[str, int] | N
         stored[:, k:] = 0  # padding meets x's zero padding: any value works, but keep the nibbles clean
         packed = _pack_nibbles(stored.to(torch.uint8))
     mod = load(defines)
-    return mod.QLinear(
+    kernel = mod.QLinear(
         packed.contiguous(),
         scales.contiguous(),
         None if zu is None else zu.contiguous(),
@@ -166,8 +199,11 @@ def prepare(codes, scales, zero_points, g_idx, spec, defines: dict[str, int] | N
         qb,
         zu0,
         w8a8,
-        small_max(kind),
+        small_max(kind, tiles=w8a8 or gs >= 64),
     )
+    if w8a8 or gs >= 64:
+        kernel.tile_max = tile_max(kind, w8a8)
+    return kernel
 
 
 __all__ = ["available", "load", "prepare"]

@@ -18,7 +18,10 @@
 //   in fp32, with the reference's quantization of x: bit-exact with the reference.
 // Large M (prefill): chunks of W rows are dequantized exactly as the reference does
 //   ((code - zero) * scale, or NF4_TABLE[code] * scale, in fp32) into a reused buffer and
-//   multiplied by sgemm (at::cpu::mm_out), as cpu_linear does for bf16.
+//   multiplied by sgemm (at::cpu::mm_out), as cpu_linear does for bf16; on AMX CPUs, bf16 x: the whole W
+//   dequantized to bf16 and multiplied by oneDNN (bf16_gemm_path).
+// AMX-INT8 CPUs: from just above decode sizes up to the vector kernel's range elsewhere, the integer scheme
+//   runs on the tile unit (amx_rows below); W8A8 runs there at every larger M.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,6 +29,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
@@ -41,6 +45,7 @@
 #include <limits>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "int_kernels.h"
 #include "../common/gil.h"
 #include "../common/parallel.h"
@@ -63,7 +68,8 @@ struct QLinear {
   at::Tensor zu;      // int32 [N, G] zero per group in stored units, or undefined (then zu0)
   at::Tensor szu;     // fp32 [N, G] scale * zu when zu is defined
   at::Tensor perm;    // int32 [K] input gather (act-order), or undefined
-  int64_t small_max;  // largest M of the streaming kernel
+  int64_t small_max;     // largest M of the streaming (vector) kernel
+  int64_t tile_max = 0;  // largest M of the AMX kernel (0: none)
   const uint8_t* wp = nullptr;  // raw pointers of the above (no checks in the hot loops)
   const float* sp = nullptr;
   const float* szup = nullptr;
@@ -320,6 +326,209 @@ static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor&
       /*adaptive=*/M <= 4);
 }
 
+#if SLIMLM_QUANT_AMX
+// AMX (Sapphire Rapids and later), M above the integer kernels' range: the same integer scheme on the tile unit.
+// W's rows are the A tiles (their natural layout: int8 codes load straight from the packed weight, nibbles are
+// unpacked once per x-block), x's quantized rows the B tiles (rearranged once per call), so one TDPB*D
+// instruction does 16 W rows x 16 x rows x 64 inputs. Each x-block's int32 sums are folded into fp32 with
+// d_x * s_w as the integer kernels do, and finish() applies zeros, NF4's 1/127 and the bias; W8A8 folds once
+// over the whole row (one block), so it stays bit-exact with the reference.
+// Tile layouts (8 tiles: A = W rows 0-1, B = x 2-3, C = sums 4-7), by M:
+// - M <= 16: 64 W rows x one x tile, four C tiles, so four accumulation chains hide TDPB*D's latency;
+// - M > 16: 32 W rows x two x tiles per pass (passes over pairs of x tiles).
+// Measured on the 2-core AMX KVM guest (hot 1024x2048 int8 W, 1 thread, M = 2): 32 rows x one x tile
+// 123-135 us, that is ~170 cycles per 64-input step, bound by the two chains.
+#ifndef SLIMLM_QUANT_AMX_PREFETCH
+#define SLIMLM_QUANT_AMX_PREFETCH 1  // 0: off
+#endif
+#ifndef SLIMLM_QUANT_AMX_TASKS
+#define SLIMLM_QUANT_AMX_TASKS 4  // per thread
+#endif
+constexpr int64_t kAmxMaxRows = 64;
+
+static bool amx_supported(const QLinear& L) { return !split_groups(L) && L.QB % 64 == 0 && amx_permitted(); }
+
+// `rows` rows of W from row n (rows past N zero), inputs [k0, k0 + len), as tile rows of len bytes.
+static void unpack_rows(const QLinear& L, int64_t n, int64_t rows, int64_t k0, int64_t len, uint8_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* o = dst + r * len;
+    if (n + r >= L.N) {
+      std::memset(o, 0, len);
+      continue;
+    }
+    const uint8_t* p = L.wp + (n + r) * L.row_bytes;
+    if (L.kind == kS8) {
+      std::memcpy(o, p + k0, len);
+      continue;
+    }
+    for (int64_t k = k0; k < k0 + len; k += 64) {
+      __m256i lo, hi;
+      if (L.kind == kNF4)
+        NF4::load2(p + k / 2, lo, hi);
+      else
+        U4::load2(p + k / 2, lo, hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k - k0), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k - k0 + 32), hi);
+    }
+  }
+}
+
+// One stored C tile (16 W rows from row n + r0, 16 x rows from m0; x-block scales dv) -> acc [rows][Mp].
+static void amx_fold(const QLinear& L, int64_t n, int64_t r0, int64_t g, const float* dv, const int32_t* c,
+                     float* acc, int64_t Mp, int64_t m0) {
+  const __m512 d = L.w8a8 ? _mm512_set1_ps(1.f) : _mm512_loadu_ps(dv);
+  for (int i = 0; i < 16; ++i) {
+    const int64_t r = r0 + i;
+    const float s = L.w8a8 || n + r >= L.N ? 1.f : L.sp[(n + r) * L.G + g];
+    float* o = acc + r * Mp + m0;
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16 * i));
+    _mm512_storeu_ps(o, _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(s)), _mm512_loadu_ps(o)));
+  }
+}
+
+// C[4 + t] += A(tile a) . B(tile b) with the instruction of L's code signedness.
+#define SLIMLM_TDP(U, c, a, b) \
+  do {                         \
+    if (U)                     \
+      _tile_dpbusd(c, a, b);   \
+    else                       \
+      _tile_dpbssd(c, a, b);   \
+  } while (0)
+
+// W rows [n, n + rows) (rows = 64 for M <= 16, else 32) for all M rows of x (as tiles in xv; dT: x-block scales
+// [NB][Mp]) -> out.
+template <class OutT>
+static void amx_rows(const Job& J, const int8_t* xv, const float* dT, int64_t n, int64_t rows, int64_t next_rows) {
+  const QLinear& L = *J.L;
+  const int64_t M = J.M, Mp = (M + 15) / 16 * 16, KC = L.Kp / 64, steps = L.QB / 64;
+  const bool wide = rows == 64, u = L.kind == kU4;
+  static thread_local std::vector<float> acc_buf;
+  static thread_local std::vector<uint8_t> w_buf;
+  static thread_local std::vector<int32_t> c_buf;
+  float* acc = aligned_scratch(acc_buf, rows * Mp);
+  int32_t* cbuf = aligned_scratch(c_buf, 1024);
+  std::fill(acc, acc + rows * Mp, 0.f);
+  const bool direct = L.kind == kS8 && n + rows <= L.N;
+  uint8_t* wbuf = direct ? nullptr : aligned_scratch(w_buf, rows * L.QB);
+  const int64_t lda = direct ? L.row_bytes : L.QB;
+  const int64_t live = std::min(rows, L.N - n);
+  for (int64_t b = 0; b < L.NB; ++b) {
+    const uint8_t* a = direct ? L.wp + n * L.row_bytes + b * L.QB : wbuf;
+    if (SLIMLM_QUANT_AMX_PREFETCH && next_rows > 0) {
+      // The next W rows of this task, one contiguous region, a share per x-block: read sequentially they stream
+      // at full bandwidth, where the tiles' dozens of row streams at once do not (measured ~11-17 GB/s).
+      const int64_t bytes = next_rows * L.row_bytes, per = (bytes + L.NB - 1) / L.NB;
+      const uint8_t* p = L.wp + (n + rows) * L.row_bytes;
+      for (int64_t o = b * per; o < std::min(bytes, (b + 1) * per); o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
+    }
+    if (!direct) unpack_rows(L, n, rows, b * L.QB, L.QB, wbuf);
+    const int64_t g = L.w8a8 ? 0 : b / L.bpg;
+    if (wide) {  // one x tile (M <= 16), four 16-row W blocks
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t s = 0; s < steps; ++s) {
+        const uint8_t* as = a + s * 64;
+        _tile_loadd(2, xv + (b * steps + s) * 1024, 64);
+        _tile_loadd(0, as, lda);
+        SLIMLM_TDP(u, 4, 0, 2);
+        _tile_loadd(1, as + 16 * lda, lda);
+        SLIMLM_TDP(u, 5, 1, 2);
+        _tile_loadd(0, as + 32 * lda, lda);
+        SLIMLM_TDP(u, 6, 0, 2);
+        _tile_loadd(1, as + 48 * lda, lda);
+        SLIMLM_TDP(u, 7, 1, 2);
+      }
+      _tile_stored(4, cbuf, 64);
+      _tile_stored(5, cbuf + 256, 64);
+      _tile_stored(6, cbuf + 512, 64);
+      _tile_stored(7, cbuf + 768, 64);
+      for (int t = 0; t < 4; ++t) amx_fold(L, n, 16 * t, g, dT + b * Mp, cbuf + 256 * t, acc, Mp, 0);
+      continue;
+    }
+    for (int64_t mb = 0; mb < Mp / 16; mb += 2) {  // 32 W rows x pairs of x tiles
+      const bool two = mb + 1 < Mp / 16;
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t kc = b * steps + s;
+        _tile_loadd(0, a + s * 64, lda);
+        _tile_loadd(1, a + 16 * lda + s * 64, lda);
+        _tile_loadd(2, xv + (mb * KC + kc) * 1024, 64);
+        SLIMLM_TDP(u, 4, 0, 2);
+        SLIMLM_TDP(u, 5, 1, 2);
+        if (two) {
+          _tile_loadd(3, xv + ((mb + 1) * KC + kc) * 1024, 64);
+          SLIMLM_TDP(u, 6, 0, 3);
+          SLIMLM_TDP(u, 7, 1, 3);
+        }
+      }
+      _tile_stored(4, cbuf, 64);
+      _tile_stored(5, cbuf + 256, 64);
+      const float* dv = dT + b * Mp + mb * 16;
+      amx_fold(L, n, 0, g, dv, cbuf, acc, Mp, mb * 16);
+      amx_fold(L, n, 16, g, dv, cbuf + 256, acc, Mp, mb * 16);
+      if (two) {
+        _tile_stored(6, cbuf + 512, 64);
+        _tile_stored(7, cbuf + 768, 64);
+        amx_fold(L, n, 0, g, dv + 16, cbuf + 512, acc, Mp, mb * 16 + 16);
+        amx_fold(L, n, 16, g, dv + 16, cbuf + 768, acc, Mp, mb * 16 + 16);
+      }
+    }
+  }
+  OutT* out = static_cast<OutT*>(J.out);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < live; ++r) {
+      const float v = acc[r * Mp + m];
+      store_out(out + m * L.N + n + r, L.kind == kNF4 ? finish<NF4>(J, m, n + r, v) : finish<S8>(J, m, n + r, v));
+    }
+}
+#undef SLIMLM_TDP
+
+static void amx_path(const QLinear& L, const at::Tensor& x2, const at::Tensor& b, at::Tensor& out) {
+  const int64_t M = x2.size(0), N = L.N, Mp = (M + 15) / 16 * 16;
+  static thread_local std::vector<float> xf_buf, d_buf, zs_buf, dt_buf;
+  static thread_local std::vector<int8_t> q_buf, xv_buf;
+  float* xf = aligned_scratch(xf_buf, L.Kp);
+  int8_t* q = aligned_scratch(q_buf, M * L.Kp);
+  float* d = aligned_scratch(d_buf, M * L.NB);
+  float* zs = aligned_scratch(zs_buf, M * L.G);
+  if (x2.scalar_type() == at::kFloat)
+    quantize_x(L, x2.data_ptr<float>(), x2.stride(0), M, L.w8a8, xf, q, d, zs);
+  else
+    quantize_x(L, x2.data_ptr<at::BFloat16>(), x2.stride(0), M, L.w8a8, xf, q, d, zs);
+  int8_t* xv = aligned_scratch(xv_buf, Mp * L.Kp);
+  x_to_tiles(q, L.Kp, M, L.Kp, xv);
+  float* dT = aligned_scratch(dt_buf, L.NB * Mp);
+  for (int64_t bk = 0; bk < L.NB; ++bk)
+    for (int64_t m = 0; m < Mp; ++m) dT[bk * Mp + m] = m < M ? d[m * L.NB + bk] : 0.f;
+  Job J{&L, XQ{q, L.Kp, d, L.NB, zs, L.G}, M, b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr()};
+  const bool f32 = out.scalar_type() == at::kFloat;
+  // Tasks of consecutive row blocks, 4 per thread (each block but a task's first comes prefetched).
+  const int64_t rows = M <= 16 ? kAmxMaxRows : 32, nblocks = (N + rows - 1) / rows;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_task = std::max<int64_t>(1, nblocks / (SLIMLM_QUANT_AMX_TASKS * nt));
+  parallel_dynamic(
+      (nblocks + per_task - 1) / per_task,
+      [&](int64_t t) {
+        amx_configure();
+        const int64_t b1 = std::min(nblocks, (t + 1) * per_task);
+        for (int64_t blk = t * per_task; blk < b1; ++blk) {
+          const int64_t n = blk * rows, next = blk + 1 < b1 ? std::min(rows, N - n - rows) : 0;
+          if (f32)
+            amx_rows<float>(J, xv, dT, n, rows, next);
+          else
+            amx_rows<c10::BFloat16>(J, xv, dT, n, rows, next);
+        }
+      },
+      /*adaptive=*/false);
+}
+#endif
+
 // Row n of W, exactly as the reference dequantizes it, -> dst[0, K) (in the packed, possibly permuted, order).
 static void dequant_row(const QLinear& L, int64_t n, float* dst) {
   const uint8_t* p = L.wp + n * L.row_bytes;
@@ -377,6 +586,35 @@ static void gemm_path(const QLinear& L, const at::Tensor& xf, const at::Tensor& 
       /*adaptive=*/false);
 }
 
+#if defined(__AMX_BF16__)
+// bf16 x on AMX CPUs: W is dequantized as above, rounded to bf16 (what a bf16 model's reference computes:
+// compressed-tensors decompresses to the model's dtype), into a buffer reused across calls, and multiplied
+// by oneDNN's bf16 GEMM on the tile unit, several times the sgemm path's rate.
+static at::Tensor bf16_gemm_path(const QLinear& L, const at::Tensor& xb, const c10::optional<at::Tensor>& bias) {
+  const int64_t N = L.N, K = L.K;
+  static thread_local at::Tensor buf;  // one per calling thread: engines on several threads do not share it
+  if (!buf.defined() || buf.numel() < N * K) buf = at::empty({N * K}, xb.options());
+  auto* w = buf.data_ptr<at::BFloat16>();
+  constexpr int64_t kRows = 64;
+  parallel_dynamic(
+      (N + kRows - 1) / kRows,
+      [&](int64_t c) {
+        static thread_local std::vector<float> row_buf;
+        float* row = aligned_scratch(row_buf, L.Kp + 64);
+        for (int64_t n = c * kRows; n < std::min(N, (c + 1) * kRows); ++n) {
+          dequant_row(L, n, row);
+          at::BFloat16* o = w + n * K;
+          int64_t k = 0;
+          for (; k + 16 <= K; k += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + k)));
+          for (; k < K; ++k) o[k] = at::BFloat16(row[k]);
+        }
+      },
+      /*adaptive=*/false);
+  return at::linear(xb, buf.narrow(0, 0, N * K).view({N, K}), bias);
+}
+#endif
+
 static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "quantized linear: bias must have shape [", N, "]");
@@ -384,7 +622,8 @@ static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
   return bias->to(at::kFloat).contiguous();
 }
 
-// path: 0 picks by M, 1 forces the integer kernel, 2 the dequantize + sgemm path (tests, benchmarks).
+// path: 0 picks by M, 1 forces the integer kernel, 2 the dequantize + sgemm path, 3 the AMX kernel (tests,
+// benchmarks).
 at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t path) {
   TORCH_CHECK(x.device().is_cpu(), "quantized linear: x must be on the CPU");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == L.K, "quantized linear: x has ", x.size(-1), " features, expected ", L.K);
@@ -397,12 +636,28 @@ at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at
   const int64_t M = x2.size(0);
   at::Tensor b = bias_f32(bias, L.N);
   if (M == 0) return at::zeros(out_shape, x.options());
+#if SLIMLM_QUANT_AMX
+  if (path == 3 || (path == 0 && M > L.small_max && M <= L.tile_max && amx_supported(L))) {
+    TORCH_CHECK(amx_supported(L), "quantized linear: no AMX path for this weight (group size 32, or no permission)");
+    at::Tensor out = at::empty({M, L.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    amx_path(L, x2, b, out);
+    return out.view(out_shape);
+  }
+#else
+  TORCH_CHECK(path != 3, "quantized linear: path 3 needs a CPU with AMX-INT8");
+#endif
   if (L.w8a8) path = 1;  // the GEMM path would not be exact
   if (path == 1 || (path == 0 && M <= L.small_max)) {
     at::Tensor out = at::empty({M, L.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
     small_path(L, x2, b, out);
     return out.view(out_shape);
   }
+#if defined(__AMX_BF16__)
+  if (xt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16)) {
+    at::Tensor xb = L.perm.defined() ? at::index_select(x2, 1, L.perm) : x2;
+    return bf16_gemm_path(L, xb.contiguous(), b.defined() ? bias : c10::nullopt).view(out_shape);
+  }
+#endif
   at::Tensor xf = xt == at::kFloat ? x2 : x2.to(at::kFloat);
   if (L.perm.defined()) xf = at::index_select(xf, 1, L.perm);
   xf = xf.contiguous();
@@ -489,6 +744,7 @@ py::dict config() {
   d["prefetch"] = SLIMLM_QUANT_PREFETCH;
   d["vnni"] = bool(SLIMLM_QUANT_VNNI);
   d["chunk_rows"] = g_chunk_rows;
+  d["amx"] = bool(SLIMLM_QUANT_AMX);
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_streak"] = SLIMLM_LATE_STREAK;
@@ -522,6 +778,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__copy__", [](const QLinear& L) { return L; })
       .def("__deepcopy__", [](const QLinear& L, py::dict) { return L; }, py::arg("memo"))
       .def_readwrite("small_max", &QLinear::small_max)
+      .def_readwrite("tile_max", &QLinear::tile_max)
       .def_readonly("N", &QLinear::N)
       .def_readonly("K", &QLinear::K)
       .def_property_readonly("nbytes", [](const QLinear& L) {
