@@ -91,6 +91,26 @@ def test_both_paths_every_m(mod, path, M, wdt, xdt):
     _check(mod.linear_path(x, w, None, path), x, w, None)
 
 
+@pytest.mark.parametrize(
+    "M,K,N", [(1, 64, 16), (5, 203, 45), (16, 96, 130), (17, 577, 33), (40, 2048, 100), (300, 64, 70)]
+)
+def test_amx_tile_path(mod, M, K, N):
+    """The AMX tile kernel (bf16 x and W): one x tile and 64-row W blocks up to M = 16, pairs of x tiles above,
+    K not a multiple of 32, N not a multiple of 16, strided x. Without AMX, forcing it is a clear error."""
+    g = torch.Generator().manual_seed(M + K + N)
+    wide = torch.randn(M, K + 6, generator=g).bfloat16()
+    x = wide[:, 2 : K + 2]
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g)
+    if not mod.config()["amx_stream_max"]:
+        with pytest.raises(RuntimeError, match="AMX"):
+            mod.linear_path(x, w, b, 4)
+        return
+    _check(mod.linear_path(x, w, b, 4), x, w, b)
+    _check(mod.linear_path(x, w, None, 4), x, w, None)
+    _check(mod.linear_path(x.contiguous(), w, b.bfloat16(), 4), x, w, b.bfloat16())
+
+
 @pytest.mark.parametrize("M", [1, 3, 8, 17, 300])
 @pytest.mark.parametrize("wdt", [torch.bfloat16, torch.float32], ids=["wbf16", "wf32"])
 @pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32], ids=["xbf16", "xf32"])

@@ -33,7 +33,9 @@ _DEPENDS = (
     _COMMON / "parallel.h",
     _COMMON / "gil.h",
     _COMMON / "avx512_bf16.h",
+    _COMMON / "amx.h",
     Path(__file__).with_name("packed_gemm.h"),
+    Path(__file__).with_name("amx_bf16.h"),
 )
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)

@@ -33,6 +33,7 @@
 
 #include "../common/gil.h"
 #include "../common/parallel.h"
+#include "amx_bf16.h"
 #include "packed_gemm.h"
 
 #include <algorithm>
@@ -81,6 +82,23 @@ namespace {
 #define SLIMLM_AMX_BF16 1
 #else
 #define SLIMLM_AMX_BF16 0
+#endif
+// bf16 x and W with AMX: the streaming kernel up to AMX_STREAM_MAX rows of x, the tile kernel (amx_bf16.h) up
+// to AMX_TILE_MAX (by K), oneDNN above. Measured on the 2-core AMX KVM guest (2 threads, weights cycled beyond
+// cache, interleaved medians, us, stream / tiles / oneDNN):
+//   M=6: smollm2 gate_up 3072x576 180/174/382, py-target gate_up 2048x384 85/83/194, tinyllama gate_up
+//        11264x2048 2079/1964/2809, down 2048x5632 1129/1374/1677 (M=4: tiles 1.2-1.6x the stream's time);
+//   M=16: 364/176/367, 174/82/189, 4223/2088/3215, 2257/1173/1805;
+//   tiles / oneDNN at M=256: 960/1177, 380/421, smollm2 lm_head 49152x576 14054/14396, 7468/8647, 5670/4417;
+//   at M=512: 1175/1091, 712/508, 37780/34747, 17982/19742, 11047/8048; down at M=96 2592/2772, M=128 3269/2900.
+#ifndef SLIMLM_AMX_STREAM_MAX
+#define SLIMLM_AMX_STREAM_MAX 6
+#endif
+#ifndef SLIMLM_AMX_TILE_MAX_SHORT_K
+#define SLIMLM_AMX_TILE_MAX_SHORT_K 256
+#endif
+#ifndef SLIMLM_AMX_TILE_MAX_LONG_K
+#define SLIMLM_AMX_TILE_MAX_LONG_K 96
 #endif
 #ifndef SLIMLM_PACKED_MAX_M
 #define SLIMLM_PACKED_MAX_M (SLIMLM_AMX_BF16 ? 0 : 512)
@@ -625,6 +643,21 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
 #else
   TORCH_CHECK(path != 3, "linear: the packed GEMM path needs an AVX-512 build");
 #endif
+#if SLIMLM_AMX
+  const bool tiles_fit = xt == at::kBFloat16 && wt == at::kBFloat16 && slimlm_kernels::amx_permitted();
+  const int64_t tile_max = K < kLongK ? SLIMLM_AMX_TILE_MAX_SHORT_K : SLIMLM_AMX_TILE_MAX_LONG_K;
+  if (path == 4 || (path == 0 && tiles_fit && M > SLIMLM_AMX_STREAM_MAX && M <= tile_max)) {
+    TORCH_CHECK(tiles_fit, "linear: the AMX path takes bf16 x and weight (and the OS must allow AMX)");
+    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    slimlm_linear_amx::linear(reinterpret_cast<const uint16_t*>(x2.data_ptr()), x2.stride(0), M,
+                              reinterpret_cast<const uint16_t*>(w.data_ptr()), N, K,
+                              b.defined() ? b.data_ptr<float>() : nullptr,
+                              reinterpret_cast<c10::BFloat16*>(out.data_ptr()));
+    return x.dim() == 2 ? out : out.view(out_shape);
+  }
+#else
+  TORCH_CHECK(path != 4, "linear: the AMX path needs a CPU with AMX");
+#endif
   if (path == 1 || (path == 0 && M <= small_max(wt, K))) {
     at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
     small_path(x2, w, b, out);
@@ -698,6 +731,9 @@ py::dict config() {
   d["block_mb"] = SLIMLM_BLOCK_MB;
   d["packed_max_m"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PACKED_MAX_M : 0;
   d["amx_bf16"] = SLIMLM_AMX_BF16 != 0;
+  d["amx_stream_max"] = SLIMLM_AMX ? SLIMLM_AMX_STREAM_MAX : 0;
+  d["amx_tile_max_short_k"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX_SHORT_K : 0;
+  d["amx_tile_max_long_k"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX_LONG_K : 0;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_streak"] = SLIMLM_LATE_STREAK;

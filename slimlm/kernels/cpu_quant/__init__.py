@@ -41,6 +41,7 @@ _SOURCES = (_HERE / "qlinear.cpp",)
 _DEPENDS = (
     _HERE / "int_kernels.h",
     _HERE / "amx_tiles.h",
+    _HERE.parent / "common" / "amx.h",
     _HERE.parent / "common" / "parallel.h",
     _HERE.parent / "common" / "gil.h",
 )
