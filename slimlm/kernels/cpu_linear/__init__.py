@@ -4,7 +4,9 @@
 stride or it is copied), ``w`` [N, K] bfloat16 or float32, ``bias`` [N] or None; fp32 math and
 an output in ``x``'s dtype. Inference only (no autograd). Small M streams W once through a
 hand-written AVX-512 (or AVX2/FMA) kernel; on AVX-512 CPUs middle M (batched decode) runs a packed
-outer-product GEMM (``packed_gemm.h``); large M converts W to fp32 in chunks and runs sgemm on them.
+outer-product GEMM (``packed_gemm.h``); large M converts W to fp32 in chunks and runs sgemm on them. On CPUs
+with AMX, bf16 x and W take a tile kernel that reads W in place (``amx_bf16.h``) from M = 7 and oneDNN's bf16
+GEMM at large M instead (``config()`` has the crossovers).
 
 The extension is compiled on first use (``-O3 -march=native -fopenmp``, ~25 s) and cached under
 ``<cache>/kernels/cpu_linear-<hash>`` by ``slimlm.kernels.build`` (the hash covers the source, the torch
@@ -13,8 +15,9 @@ and Python versions, the compiler flags and the CPU's flags); later processes im
 
 - ``linear(x, weight, bias=None)``: the op; streaming kernel for M up to a measured crossover
   (``config()``), fp32-chunk + sgemm path above it.
-- ``linear_path(x, weight, bias, path)``: 1 forces the streaming kernel, 2 the sgemm path, 3 the
-  packed GEMM (AVX-512 builds; elsewhere an error) (tests).
+- ``linear_path(x, weight, bias, path)``: 1 forces the streaming kernel, 2 the sgemm path (oneDNN for bf16
+  x and W on CPUs with native bf16), 3 the packed GEMM (AVX-512 builds; elsewhere an error), 4 the AMX tile
+  kernel (AMX builds; elsewhere an error) (tests).
 - ``config()``: the crossovers and tuning constants of this build.
 - ``read_probe(t)``, ``set_chunk_rows(n)``: benchmark helpers.
 """
