@@ -290,8 +290,9 @@ static T* aligned_scratch(std::vector<T>& v, int64_t n) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
 }
 
-static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor& b, at::Tensor& out) {
-  const int64_t M = x2.size(0), N = L.N;
+// x's rows quantized as L's kernels take them, in buffers of the calling thread (valid until its next call).
+static XQ quantized_x(const QLinear& L, const at::Tensor& x2) {
+  const int64_t M = x2.size(0);
   static thread_local std::vector<float> xf_buf, d_buf, zs_buf;
   static thread_local std::vector<int8_t> q_buf;
   float* xf = aligned_scratch(xf_buf, L.Kp);
@@ -302,8 +303,12 @@ static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor&
     quantize_x(L, x2.data_ptr<float>(), x2.stride(0), M, L.w8a8, xf, q, d, zs);
   else
     quantize_x(L, x2.data_ptr<at::BFloat16>(), x2.stride(0), M, L.w8a8, xf, q, d, zs);
+  return XQ{q, L.Kp, d, L.NB, zs, L.G};
+}
 
-  Job J{&L, XQ{q, L.Kp, d, L.NB, zs, L.G}, M, b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr()};
+static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor& b, at::Tensor& out) {
+  const int64_t M = x2.size(0), N = L.N;
+  Job J{&L, quantized_x(L, x2), M, b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr()};
   // Tasks of 32-256 KB of packed W, fewer bytes when M is larger (more work per byte), at least 2 per thread.
   const int64_t R = rows_per_block(L, M);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
@@ -491,22 +496,15 @@ static void amx_rows(const Job& J, const int8_t* xv, const float* dT, int64_t n,
 
 static void amx_path(const QLinear& L, const at::Tensor& x2, const at::Tensor& b, at::Tensor& out) {
   const int64_t M = x2.size(0), N = L.N, Mp = (M + 15) / 16 * 16;
-  static thread_local std::vector<float> xf_buf, d_buf, zs_buf, dt_buf;
-  static thread_local std::vector<int8_t> q_buf, xv_buf;
-  float* xf = aligned_scratch(xf_buf, L.Kp);
-  int8_t* q = aligned_scratch(q_buf, M * L.Kp);
-  float* d = aligned_scratch(d_buf, M * L.NB);
-  float* zs = aligned_scratch(zs_buf, M * L.G);
-  if (x2.scalar_type() == at::kFloat)
-    quantize_x(L, x2.data_ptr<float>(), x2.stride(0), M, L.w8a8, xf, q, d, zs);
-  else
-    quantize_x(L, x2.data_ptr<at::BFloat16>(), x2.stride(0), M, L.w8a8, xf, q, d, zs);
+  static thread_local std::vector<float> dt_buf;
+  static thread_local std::vector<int8_t> xv_buf;
+  const XQ xq = quantized_x(L, x2);
   int8_t* xv = aligned_scratch(xv_buf, Mp * L.Kp);
-  x_to_tiles(q, L.Kp, M, L.Kp, xv);
+  x_to_tiles(xq.q, L.Kp, M, L.Kp, xv);
   float* dT = aligned_scratch(dt_buf, L.NB * Mp);
   for (int64_t bk = 0; bk < L.NB; ++bk)
-    for (int64_t m = 0; m < Mp; ++m) dT[bk * Mp + m] = m < M ? d[m * L.NB + bk] : 0.f;
-  Job J{&L, XQ{q, L.Kp, d, L.NB, zs, L.G}, M, b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr()};
+    for (int64_t m = 0; m < Mp; ++m) dT[bk * Mp + m] = m < M ? xq.d[m * L.NB + bk] : 0.f;
+  Job J{&L, xq, M, b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr()};
   const bool f32 = out.scalar_type() == at::kFloat;
   // Tasks of consecutive row blocks, 4 per thread (each block but a task's first comes prefetched).
   const int64_t rows = M <= 16 ? kAmxMaxRows : 32, nblocks = (N + rows - 1) / rows;
