@@ -94,11 +94,12 @@ namespace {
 #ifndef SLIMLM_AMX_STREAM_MAX
 #define SLIMLM_AMX_STREAM_MAX 6
 #endif
-#ifndef SLIMLM_AMX_TILE_MAX_SHORT_K
-#define SLIMLM_AMX_TILE_MAX_SHORT_K 256
+//   So the tiles run up to 256 rows for K <= 2048 (smollm2 down, K=1536, M=256: 457/541) and to 96 above.
+#ifndef SLIMLM_AMX_TILE_MAX
+#define SLIMLM_AMX_TILE_MAX 256
 #endif
 #ifndef SLIMLM_AMX_TILE_MAX_LONG_K
-#define SLIMLM_AMX_TILE_MAX_LONG_K 96
+#define SLIMLM_AMX_TILE_MAX_LONG_K 96  // K > 2048
 #endif
 #ifndef SLIMLM_PACKED_MAX_M
 #define SLIMLM_PACKED_MAX_M (SLIMLM_AMX_BF16 ? 0 : 512)
@@ -645,7 +646,7 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
 #endif
 #if SLIMLM_AMX
   const bool tiles_fit = xt == at::kBFloat16 && wt == at::kBFloat16 && slimlm_kernels::amx_permitted();
-  const int64_t tile_max = K < kLongK ? SLIMLM_AMX_TILE_MAX_SHORT_K : SLIMLM_AMX_TILE_MAX_LONG_K;
+  const int64_t tile_max = K <= 2048 ? SLIMLM_AMX_TILE_MAX : SLIMLM_AMX_TILE_MAX_LONG_K;
   if (path == 4 || (path == 0 && tiles_fit && M > SLIMLM_AMX_STREAM_MAX && M <= tile_max)) {
     TORCH_CHECK(tiles_fit, "linear: the AMX path takes bf16 x and weight (and the OS must allow AMX)");
     at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -732,7 +733,7 @@ py::dict config() {
   d["packed_max_m"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PACKED_MAX_M : 0;
   d["amx_bf16"] = SLIMLM_AMX_BF16 != 0;
   d["amx_stream_max"] = SLIMLM_AMX ? SLIMLM_AMX_STREAM_MAX : 0;
-  d["amx_tile_max_short_k"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX_SHORT_K : 0;
+  d["amx_tile_max"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX : 0;
   d["amx_tile_max_long_k"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX_LONG_K : 0;
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
