@@ -71,18 +71,14 @@ namespace {
 //   tinyllama (K 2048-5632): M=24 155/121/74, M=32 162/166/94, M=64 181/242/148, M=512 -/221/209.
 //
 // With AMX (Sapphire Rapids and later) oneDNN's bf16 GEMM runs on the tile unit and beats both the packed
-// GEMM and the streaming kernel from small M on; the packed GEMM is never used there. Measured on a 2-core
+// GEMM and the streaming kernel from small M on; the packed GEMM is never used there. (bf16 x and W take the
+// tile kernel below first; these crossovers serve the rest, e.g. an OS that refuses AMX.) Measured on a 2-core
 // AMX KVM guest (2 threads, weights cycled beyond cache, interleaved medians, us, stream / oneDNN):
 //   K=576 smollm2 gate_up 3072x576: M=12 270/331, M=16 341/341, M=24 478/345; lm_head 49152x576:
 //         M=12 3859/4547, M=16 5159/4660; K=384 py-target 2048x384: M=12 144/170, M=16 176/167;
 //   K>=1024 tinyllama gate_up 11264x2048: M=6 2126/2510, M=8 2354/2399, M=12 3193/2494; down 2048x5632:
 //         M=6 1099/1202, M=8 1293/1207, M=12 1805/1284; smollm2 down 576x1536: M=8 121/166, M=12 164/169.
 //   The packed GEMM at M=32..512 took 1.6-4.4x oneDNN's time (smollm2 gate_up M=64 813/306 us).
-#if defined(__AMX_BF16__)
-#define SLIMLM_AMX_BF16 1
-#else
-#define SLIMLM_AMX_BF16 0
-#endif
 // bf16 x and W with AMX: the streaming kernel up to AMX_STREAM_MAX rows of x, the tile kernel (amx_bf16.h) up
 // to AMX_TILE_MAX (by K), oneDNN above. Measured on the 2-core AMX KVM guest (2 threads, weights cycled beyond
 // cache, interleaved medians, us, stream / tiles / oneDNN):
@@ -102,13 +98,13 @@ namespace {
 #define SLIMLM_AMX_TILE_MAX_LONG_K 96  // K > 2048
 #endif
 #ifndef SLIMLM_PACKED_MAX_M
-#define SLIMLM_PACKED_MAX_M (SLIMLM_AMX_BF16 ? 0 : 512)
+#define SLIMLM_PACKED_MAX_M (SLIMLM_AMX ? 0 : 512)
 #endif
 #ifndef SLIMLM_SMALL_MAX_BF16_SHORT_K
-#define SLIMLM_SMALL_MAX_BF16_SHORT_K (SLIMLM_AMX_BF16 ? 16 : SLIMLM_LINEAR_AVX512 ? 28 : 48)
+#define SLIMLM_SMALL_MAX_BF16_SHORT_K (SLIMLM_AMX ? 16 : SLIMLM_LINEAR_AVX512 ? 28 : 48)
 #endif
 #ifndef SLIMLM_SMALL_MAX_BF16_LONG_K
-#define SLIMLM_SMALL_MAX_BF16_LONG_K (SLIMLM_AMX_BF16 ? 8 : SLIMLM_LINEAR_AVX512 ? 28 : 112)
+#define SLIMLM_SMALL_MAX_BF16_LONG_K (SLIMLM_AMX ? 8 : SLIMLM_LINEAR_AVX512 ? 28 : 112)
 #endif
 #ifndef SLIMLM_SMALL_MAX_F32_SHORT_K
 #define SLIMLM_SMALL_MAX_F32_SHORT_K 128
@@ -731,7 +727,7 @@ py::dict config() {
   d["prefetch_bytes"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PREFETCH_BYTES : 0;
   d["block_mb"] = SLIMLM_BLOCK_MB;
   d["packed_max_m"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PACKED_MAX_M : 0;
-  d["amx_bf16"] = SLIMLM_AMX_BF16 != 0;
+  d["amx"] = SLIMLM_AMX != 0;
   d["amx_stream_max"] = SLIMLM_AMX ? SLIMLM_AMX_STREAM_MAX : 0;
   d["amx_tile_max"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX : 0;
   d["amx_tile_max_long_k"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX_LONG_K : 0;
