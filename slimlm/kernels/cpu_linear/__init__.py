@@ -37,6 +37,7 @@ _DEPENDS = (
     _COMMON / "gil.h",
     _COMMON / "avx512_bf16.h",
     _COMMON / "amx.h",
+    _COMMON / "scratch.h",
     Path(__file__).with_name("packed_gemm.h"),
     Path(__file__).with_name("amx_bf16.h"),
 )

@@ -26,42 +26,16 @@
 #include <cstring>
 #include <vector>
 
-#include "../common/parallel.h"
+#include "../common/avx512_bf16.h"
+#include "../common/scratch.h"
 
 namespace slimlm_linear_amx {
 
-using slimlm_kernels::parallel_dynamic;
+using slimlm_kernels::aligned_scratch;
 
 #ifndef SLIMLM_LINEAR_AMX_TASKS
 #define SLIMLM_LINEAR_AMX_TASKS 4  // tasks per thread
 #endif
-
-template <class T>
-inline T* aligned(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n + 64) v.resize(n + 64);
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
-}
-
-// x [M, K] (row stride sx) -> xv [Mp / 16][Kp / 32][16 input pairs][16 x rows] of uint32 (two bf16). Zero past
-// M and K.
-inline void x_to_tiles(const uint16_t* x, int64_t sx, int64_t M, int64_t K, int64_t Kp, uint32_t* xv) {
-  const int64_t Mp = (M + 15) / 16 * 16, KC = Kp / 32, pairs = K / 2;
-  at::parallel_for(0, Mp / 16, 4, [&](int64_t mb0, int64_t mb1) {
-    for (int64_t mb = mb0; mb < mb1; ++mb) {
-      uint32_t* t = xv + mb * KC * 256;
-      std::memset(t, 0, KC * 256 * sizeof(uint32_t));
-      for (int64_t i = 0; i < 16 && mb * 16 + i < M; ++i) {
-        const uint16_t* xr = x + (mb * 16 + i) * sx;
-        const auto* x32 = reinterpret_cast<const uint32_t*>(xr);  // bf16 rows: 4-byte aligned when sx is even
-        int64_t p = 0;
-        if ((reinterpret_cast<uintptr_t>(xr) & 3) == 0)
-          for (; p < pairs; ++p) t[(p / 16) * 256 + (p % 16) * 16 + i] = x32[p];
-        for (; p < pairs; ++p) t[(p / 16) * 256 + (p % 16) * 16 + i] = xr[2 * p] | (uint32_t(xr[2 * p + 1]) << 16);
-        if (K & 1) t[(pairs / 16) * 256 + (pairs % 16) * 16 + i] = xr[K - 1];
-      }
-    }
-  });
-}
 
 // 16-row x 16-column fp32 sums (W rows n0.., x rows m0..) + bias -> out (bf16, row stride N): per x row, its
 // column of sums gathered, the bias added, one rounding, 16 consecutive outputs stored.
@@ -75,7 +49,7 @@ inline void store_tile(const float* c, int64_t n0, int64_t m0, int64_t N, int64_
                                          _mm512_set1_epi32(16));
   for (int64_t j = 0; j < 16 && m0 + j < M; ++j) {
     const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(col, c + j, 4), b);
-    _mm256_mask_storeu_epi16(out + (m0 + j) * N + n0, k, (__m256i)_mm512_cvtneps_pbh(v));
+    slimlm_avx512::store_bf16x16(out + (m0 + j) * N + n0, v, k);
   }
 }
 
@@ -94,7 +68,7 @@ inline const uint16_t* block_source(const Job& J, int64_t n, int64_t rows, int64
     ld = J.K;
     return J.w + n * J.K;
   }
-  uint16_t* s = aligned(buf, rows * J.Kp);
+  uint16_t* s = aligned_scratch(buf, rows * J.Kp);
   std::memset(s, 0, rows * J.Kp * sizeof(uint16_t));
   for (int64_t r = 0; r < rows && n + r < J.N; ++r) std::memcpy(s + r * J.Kp, J.w + (n + r) * J.K, J.K * 2);
   ld = J.Kp;
@@ -107,11 +81,8 @@ inline void block(const Job& J, int64_t n, int64_t rows, int64_t next_rows) {
   int64_t ld;
   const uint16_t* a = block_source(J, n, rows, ld, wbuf);
   const int64_t KC = J.Kp / 32, lda = ld * 2;
-  const char* next = reinterpret_cast<const char*>(J.w + (n + rows) * J.K);
-  const int64_t next_bytes = next_rows * J.K * 2, per = (next_bytes + KC - 1) / KC;
-  auto prefetch = [&](int64_t kc) {
-    for (int64_t o = kc * per; o < std::min(next_bytes, (kc + 1) * per); o += 64) _mm_prefetch(next + o, _MM_HINT_T1);
-  };
+  const uint16_t* next = J.w + (n + rows) * J.K;
+  auto prefetch = [&](int64_t kc) { slimlm_kernels::prefetch_share(next, next_rows * J.K * 2, kc, KC); };
   if (rows == 64) {  // one x tile, four 16-row W blocks
     _tile_zero(4);
     _tile_zero(5);
@@ -178,23 +149,12 @@ inline void linear(const uint16_t* x, int64_t sx, int64_t M, const uint16_t* w, 
                    const float* bias, c10::BFloat16* out) {
   const int64_t Kp = (K + 31) / 32 * 32, Mp = (M + 15) / 16 * 16;
   static thread_local std::vector<uint32_t> xbuf;
-  uint32_t* xv = aligned(xbuf, Mp * Kp / 2);
-  x_to_tiles(x, sx, M, K, Kp, xv);
+  uint32_t* xv = aligned_scratch(xbuf, Mp * Kp / 2);
+  slimlm_kernels::x_to_b_tiles(reinterpret_cast<const uint8_t*>(x), sx * 2, M, K * 2, Kp * 2, xv);
   const Job J{w, N, K, Kp, M, xv, bias, out};
-  const int64_t rows = M <= 16 ? 64 : 32, nblocks = (N + rows - 1) / rows;
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_task = std::max<int64_t>(1, nblocks / (SLIMLM_LINEAR_AMX_TASKS * nt));
-  parallel_dynamic(
-      (nblocks + per_task - 1) / per_task,
-      [&](int64_t t) {
-        slimlm_kernels::amx_configure();
-        const int64_t b1 = std::min(nblocks, (t + 1) * per_task);
-        for (int64_t b = t * per_task; b < b1; ++b) {
-          const int64_t n = b * rows;
-          block(J, n, rows, b + 1 < b1 ? std::min(rows, N - n - rows) : 0);
-        }
-      },
-      /*adaptive=*/M <= 4);
+  const int64_t rows = M <= 16 ? 64 : 32;
+  slimlm_kernels::for_row_blocks(N, rows, SLIMLM_LINEAR_AMX_TASKS, /*adaptive=*/M <= 4,
+                                 [&](int64_t n, int64_t next_rows) { block(J, n, rows, next_rows); });
 }
 
 }  // namespace slimlm_linear_amx

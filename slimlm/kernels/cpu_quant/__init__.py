@@ -18,7 +18,7 @@ error of 6e-3 to 8e-3 against the fp32 reference on Gaussian x (tested: <= 1e-2)
 holds an outlier, as with llama.cpp's int8 activations. Above it, W is dequantized exactly as the reference
 does, in chunks, and multiplied by sgemm (on AMX CPUs with bf16 x: rounded to bf16, as a bf16 model's reference
 does, and multiplied by oneDNN's bf16 GEMM). W8A8 always runs the integer kernel, bit-exact with the reference.
-On CPUs with AMX-INT8 the integer scheme runs on the tile unit (``amx_tiles.h``) from ``small_max`` to
+On CPUs with AMX-INT8 the integer scheme runs on the tile unit (``amx_rows`` in ``qlinear.cpp``) from ``small_max`` to
 ``tile_max`` rows, with the same results.
 Cases these kernels do not cover (g_idx that are not a permutation of contiguous groups, group sizes other
 than 32 or a multiple of 64) make ``prepare`` return None (the dispatch then runs the reference).
@@ -40,8 +40,9 @@ _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "qlinear.cpp",)
 _DEPENDS = (
     _HERE / "int_kernels.h",
-    _HERE / "amx_tiles.h",
     _HERE.parent / "common" / "amx.h",
+    _HERE.parent / "common" / "avx512_bf16.h",
+    _HERE.parent / "common" / "scratch.h",
     _HERE.parent / "common" / "parallel.h",
     _HERE.parent / "common" / "gil.h",
 )
@@ -188,6 +189,7 @@ def prepare(codes, scales, zero_points, g_idx, spec, defines: dict[str, int] | N
         stored[:, k:] = 0  # padding meets x's zero padding: any value works, but keep the nibbles clean
         packed = _pack_nibbles(stored.to(torch.uint8))
     mod = load(defines)
+    tiles = w8a8 or gs >= 64  # the AMX kernel takes every layout but group size 32
     kernel = mod.QLinear(
         packed.contiguous(),
         scales.contiguous(),
@@ -200,9 +202,9 @@ def prepare(codes, scales, zero_points, g_idx, spec, defines: dict[str, int] | N
         qb,
         zu0,
         w8a8,
-        small_max(kind, tiles=w8a8 or gs >= 64),
+        small_max(kind, tiles=tiles),
     )
-    if w8a8 or gs >= 64:
+    if tiles:
         kernel.tile_max = tile_max(kind, w8a8)
     return kernel
 

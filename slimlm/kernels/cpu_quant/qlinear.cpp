@@ -45,10 +45,14 @@
 #include <limits>
 #include <vector>
 
-#include "amx_tiles.h"
 #include "int_kernels.h"
+#include "../common/amx.h"
 #include "../common/gil.h"
 #include "../common/parallel.h"
+#include "../common/scratch.h"
+#if SLIMLM_AMX
+#include "../common/avx512_bf16.h"
+#endif
 
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "slimlm cpu_quant needs AVX2 and FMA (build with -march=native on such a CPU)"
@@ -57,6 +61,7 @@
 namespace {
 
 using namespace slimlm_quant;
+using slimlm_kernels::aligned_scratch;
 using slimlm_kernels::parallel_dynamic;
 
 // The prepared weight (see prepare() in __init__.py for the layouts).
@@ -284,11 +289,6 @@ static void small_kind(const Job& J, int64_t n0, int64_t n1) {
   }
 }
 
-template <class T>
-static T* aligned_scratch(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n + 64) v.resize(n + 64);
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
-}
 
 // x's rows quantized as L's kernels take them, in buffers of the calling thread (valid until its next call).
 static XQ quantized_x(const QLinear& L, const at::Tensor& x2) {
@@ -331,7 +331,7 @@ static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor&
       /*adaptive=*/M <= 4);
 }
 
-#if SLIMLM_QUANT_AMX
+#if SLIMLM_AMX
 // AMX (Sapphire Rapids and later), M above the integer kernels' range: the same integer scheme on the tile unit.
 // W's rows are the A tiles (their natural layout: int8 codes load straight from the packed weight, nibbles are
 // unpacked once per x-block), x's quantized rows the B tiles (rearranged once per call), so one TDPB*D
@@ -351,7 +351,7 @@ static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor&
 #endif
 constexpr int64_t kAmxMaxRows = 64;
 
-static bool amx_supported(const QLinear& L) { return !split_groups(L) && L.QB % 64 == 0 && amx_permitted(); }
+static bool amx_supported(const QLinear& L) { return !split_groups(L) && L.QB % 64 == 0 && slimlm_kernels::amx_permitted(); }
 
 // `rows` rows of W from row n (rows past N zero), inputs [k0, k0 + len), as tile rows of len bytes.
 static void unpack_rows(const QLinear& L, int64_t n, int64_t rows, int64_t k0, int64_t len, uint8_t* dst) {
@@ -419,14 +419,9 @@ static void amx_rows(const Job& J, const int8_t* xv, const float* dT, int64_t n,
   const int64_t live = std::min(rows, L.N - n);
   for (int64_t b = 0; b < L.NB; ++b) {
     const uint8_t* a = direct ? L.wp + n * L.row_bytes + b * L.QB : wbuf;
-    if (SLIMLM_QUANT_AMX_PREFETCH && next_rows > 0) {
-      // The next W rows of this task, one contiguous region, a share per x-block: read sequentially they stream
-      // at full bandwidth, where the tiles' dozens of row streams at once do not (measured ~11-17 GB/s).
-      const int64_t bytes = next_rows * L.row_bytes, per = (bytes + L.NB - 1) / L.NB;
-      const uint8_t* p = L.wp + (n + rows) * L.row_bytes;
-      for (int64_t o = b * per; o < std::min(bytes, (b + 1) * per); o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
-    }
+    // The tiles' row streams alone measured ~11-17 GB/s: the task's next block comes prefetched, a share per x-block.
+    if (SLIMLM_QUANT_AMX_PREFETCH)
+      slimlm_kernels::prefetch_share(L.wp + (n + rows) * L.row_bytes, next_rows * L.row_bytes, b, L.NB);
     if (!direct) unpack_rows(L, n, rows, b * L.QB, L.QB, wbuf);
     const int64_t g = L.w8a8 ? 0 : b / L.bpg;
     if (wide) {  // one x tile (M <= 16), four 16-row W blocks
@@ -500,30 +495,21 @@ static void amx_path(const QLinear& L, const at::Tensor& x2, const at::Tensor& b
   static thread_local std::vector<int8_t> xv_buf;
   const XQ xq = quantized_x(L, x2);
   int8_t* xv = aligned_scratch(xv_buf, Mp * L.Kp);
-  x_to_tiles(xq.q, L.Kp, M, L.Kp, xv);
+  slimlm_kernels::x_to_b_tiles(reinterpret_cast<const uint8_t*>(xq.q), L.Kp, M, L.Kp, L.Kp,
+                               reinterpret_cast<uint32_t*>(xv));
   float* dT = aligned_scratch(dt_buf, L.NB * Mp);
   for (int64_t bk = 0; bk < L.NB; ++bk)
     for (int64_t m = 0; m < Mp; ++m) dT[bk * Mp + m] = m < M ? xq.d[m * L.NB + bk] : 0.f;
   Job J{&L, xq, M, b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr()};
   const bool f32 = out.scalar_type() == at::kFloat;
   // Tasks of consecutive row blocks, 4 per thread (each block but a task's first comes prefetched).
-  const int64_t rows = M <= 16 ? kAmxMaxRows : 32, nblocks = (N + rows - 1) / rows;
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_task = std::max<int64_t>(1, nblocks / (SLIMLM_QUANT_AMX_TASKS * nt));
-  parallel_dynamic(
-      (nblocks + per_task - 1) / per_task,
-      [&](int64_t t) {
-        amx_configure();
-        const int64_t b1 = std::min(nblocks, (t + 1) * per_task);
-        for (int64_t blk = t * per_task; blk < b1; ++blk) {
-          const int64_t n = blk * rows, next = blk + 1 < b1 ? std::min(rows, N - n - rows) : 0;
-          if (f32)
-            amx_rows<float>(J, xv, dT, n, rows, next);
-          else
-            amx_rows<c10::BFloat16>(J, xv, dT, n, rows, next);
-        }
-      },
-      /*adaptive=*/false);
+  const int64_t rows = M <= 16 ? kAmxMaxRows : 32;
+  slimlm_kernels::for_row_blocks(N, rows, SLIMLM_QUANT_AMX_TASKS, /*adaptive=*/false, [&](int64_t n, int64_t next) {
+    if (f32)
+      amx_rows<float>(J, xv, dT, n, rows, next);
+    else
+      amx_rows<c10::BFloat16>(J, xv, dT, n, rows, next);
+  });
 }
 #endif
 
@@ -584,7 +570,7 @@ static void gemm_path(const QLinear& L, const at::Tensor& xf, const at::Tensor& 
       /*adaptive=*/false);
 }
 
-#if defined(__AMX_BF16__)
+#if SLIMLM_AMX
 // bf16 x on AMX CPUs: W is dequantized as above, rounded to bf16 (what a bf16 model's reference computes:
 // compressed-tensors decompresses to the model's dtype), into a buffer reused across calls, and multiplied
 // by oneDNN's bf16 GEMM on the tile unit, several times the sgemm path's rate.
@@ -601,11 +587,9 @@ static at::Tensor bf16_gemm_path(const QLinear& L, const at::Tensor& xb, const c
         float* row = aligned_scratch(row_buf, L.Kp + 64);
         for (int64_t n = c * kRows; n < std::min(N, (c + 1) * kRows); ++n) {
           dequant_row(L, n, row);
-          at::BFloat16* o = w + n * K;
-          int64_t k = 0;
-          for (; k + 16 <= K; k += 16)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + k)));
-          for (; k < K; ++k) o[k] = at::BFloat16(row[k]);
+          for (int64_t k = 0; k < K; k += 16)
+            slimlm_avx512::store_bf16x16(w + n * K + k, _mm512_loadu_ps(row + k),
+                                         static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1));
         }
       },
       /*adaptive=*/false);
@@ -634,7 +618,7 @@ at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at
   const int64_t M = x2.size(0);
   at::Tensor b = bias_f32(bias, L.N);
   if (M == 0) return at::zeros(out_shape, x.options());
-#if SLIMLM_QUANT_AMX
+#if SLIMLM_AMX
   if (path == 3 || (path == 0 && M > L.small_max && M <= L.tile_max && amx_supported(L))) {
     TORCH_CHECK(amx_supported(L), "quantized linear: no AMX path for this weight (group size 32, or no permission)");
     at::Tensor out = at::empty({M, L.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -650,7 +634,7 @@ at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at
     small_path(L, x2, b, out);
     return out.view(out_shape);
   }
-#if defined(__AMX_BF16__)
+#if SLIMLM_AMX
   if (xt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16)) {
     at::Tensor xb = L.perm.defined() ? at::index_select(x2, 1, L.perm) : x2;
     return bf16_gemm_path(L, xb.contiguous(), b.defined() ? bias : c10::nullopt).view(out_shape);
@@ -742,7 +726,7 @@ py::dict config() {
   d["prefetch"] = SLIMLM_QUANT_PREFETCH;
   d["vnni"] = bool(SLIMLM_QUANT_VNNI);
   d["chunk_rows"] = g_chunk_rows;
-  d["amx"] = bool(SLIMLM_QUANT_AMX);
+  d["amx"] = bool(SLIMLM_AMX);
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
   d["serial_backoff_min"] = SLIMLM_SERIAL_BACKOFF_MIN;
   d["late_streak"] = SLIMLM_LATE_STREAK;
