@@ -102,13 +102,32 @@ def test_amx_tile_path(mod, M, K, N):
     x = wide[:, 2 : K + 2]
     w = torch.randn(N, K, generator=g).bfloat16()
     b = torch.randn(N, generator=g)
-    if not mod.config()["amx_stream_max"]:
+    if not mod.config()["amx"]:
         with pytest.raises(RuntimeError, match="AMX"):
             mod.linear_path(x, w, b, 4)
         return
     _check(mod.linear_path(x, w, b, 4), x, w, b)
     _check(mod.linear_path(x, w, None, 4), x, w, None)
     _check(mod.linear_path(x.contiguous(), w, b.bfloat16(), 4), x, w, b.bfloat16())
+
+
+def test_bf16_dispatch_hands_over_to_the_tiles_by_k(mod):
+    """With AMX, bf16 x and W stream up to amx_stream_max rows for K <= amx_long_k and up to
+    amx_stream_max_long_k rows above, then take the tile kernel; without AMX these M all stream. Each row of W
+    is 2^25, ones, -2^25: fp32 sums lose the ones that meet the large value in the same accumulator, and the
+    two kernels group the inputs differently, so their results tell them apart."""
+    cfg = mod.config()
+    for K, limit in ((384, cfg["amx_stream_max"]), (cfg["amx_long_k"] + 64, cfg["amx_stream_max_long_k"])):
+        w = torch.ones(16, K)
+        w[:, 0], w[:, -1] = 2.0**25, -(2.0**25)
+        w = w.bfloat16()
+        for M in (5, 6, 7):
+            x = torch.ones(M, K).bfloat16()
+            stream = mod.linear_path(x, w, None, 1)
+            expected = mod.linear_path(x, w, None, 4) if cfg["amx"] and M > limit else stream
+            if cfg["amx"]:
+                assert not torch.equal(stream, mod.linear_path(x, w, None, 4)), (K, M)
+            assert torch.equal(mod.linear(x, w), expected), (K, M)
 
 
 @pytest.mark.parametrize("M", [1, 3, 8, 17, 300])

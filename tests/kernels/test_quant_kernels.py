@@ -248,7 +248,7 @@ def test_w8a8_vnni_and_avx2_agree_bit_for_bit(mod):
     assert torch.equal(default(x, None), avx2(x, None))
 
 
-def test_the_integer_kernel_runs_up_to_its_crossover_and_sgemm_above():
+def test_the_integer_kernel_runs_up_to_its_crossover_and_sgemm_above(mod):
     """``small_max`` rows and fewer take the vector integer kernel, up to ``tile_max`` the AMX kernel (where the
     CPU has one), more take dequantize + sgemm (bit for bit); the crossover is lower where sgemm has AVX-512."""
     for kind in (cpu_quant.KIND_U4, cpu_quant.KIND_S8, cpu_quant.KIND_NF4):
@@ -259,6 +259,7 @@ def test_the_integer_kernel_runs_up_to_its_crossover_and_sgemm_above():
         assert cpu_quant.tile_max(kind, False, "avx2 avx512f fma") == 0
     codes, scales, zeros, _, spec = _weight(24, 128, 4, 64, False)
     kernel = cpu_quant.prepare(codes, scales, zeros, None, spec)
+    assert kernel.tiles_fit == bool(mod.config()["amx"])
     assert kernel.small_max == cpu_quant.small_max(cpu_quant.KIND_U4)
     assert kernel.tile_max == cpu_quant.tile_max(cpu_quant.KIND_U4, False)
     g = torch.Generator().manual_seed(3)
@@ -268,6 +269,11 @@ def test_the_integer_kernel_runs_up_to_its_crossover_and_sgemm_above():
         assert torch.equal(kernel(x), kernel.forward_path(x, None, path))
         if path != 3:
             assert not torch.equal(kernel(x), kernel.forward_path(x, None, 3 - path))
+    # Group size 32 (two scales per x-block) never takes the tiles: the vector kernel keeps its whole range.
+    codes, scales, zeros, _, spec = _weight(24, 128, 4, 32, False)
+    g32 = cpu_quant.prepare(codes, scales, zeros, None, spec)
+    assert not g32.tiles_fit and g32.tile_max == 0
+    assert g32.small_max == cpu_quant.small_max(cpu_quant.KIND_U4, tiles=False)
 
 
 AMX_CASES = [

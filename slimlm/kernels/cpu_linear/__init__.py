@@ -5,8 +5,8 @@ stride or it is copied), ``w`` [N, K] bfloat16 or float32, ``bias`` [N] or None;
 an output in ``x``'s dtype. Inference only (no autograd). Small M streams W once through a
 hand-written AVX-512 (or AVX2/FMA) kernel; on AVX-512 CPUs middle M (batched decode) runs a packed
 outer-product GEMM (``packed_gemm.h``); large M converts W to fp32 in chunks and runs sgemm on them. On CPUs
-with AMX, bf16 x and W take a tile kernel that reads W in place (``amx_bf16.h``) from M = 7 and oneDNN's bf16
-GEMM at large M instead (``config()`` has the crossovers).
+with AMX, bf16 x and W take a tile kernel that reads W in place (``amx_bf16.h``) from M = 6 (7 for K > 2048)
+and oneDNN's bf16 GEMM at large M instead (``config()`` has the crossovers).
 
 The extension is compiled on first use (``-O3 -march=native -fopenmp``, ~25 s) and cached under
 ``<cache>/kernels/cpu_linear-<hash>`` by ``slimlm.kernels.build`` (the hash covers the source, the torch

@@ -79,14 +79,21 @@ namespace {
 //   K>=1024 tinyllama gate_up 11264x2048: M=6 2126/2510, M=8 2354/2399, M=12 3193/2494; down 2048x5632:
 //         M=6 1099/1202, M=8 1293/1207, M=12 1805/1284; smollm2 down 576x1536: M=8 121/166, M=12 164/169.
 //   The packed GEMM at M=32..512 took 1.6-4.4x oneDNN's time (smollm2 gate_up M=64 813/306 us).
-// bf16 x and W with AMX: the streaming kernel up to AMX_STREAM_MAX rows of x (by K, below), the tile kernel (amx_bf16.h) up
-// to AMX_TILE_MAX (by K), oneDNN above. Measured on the 2-core AMX KVM guest (2 threads, weights cycled beyond
-// cache, interleaved medians, us, stream / tiles / oneDNN):
+// bf16 x and W with AMX: the streaming kernel up to AMX_STREAM_MAX rows of x, the tile kernel (amx_bf16.h) up to
+// AMX_TILE_MAX, oneDNN above (both by K, see kAmxLongK). Measured on the 2-core AMX KVM guest (2 threads,
+// weights cycled beyond cache, interleaved medians, us, stream / tiles / oneDNN):
 //   M=6: smollm2 gate_up 3072x576 180/174/382, py-target gate_up 2048x384 85/83/194, tinyllama gate_up
 //        11264x2048 2079/1964/2809, down 2048x5632 1129/1374/1677 (M=4: tiles 1.2-1.6x the stream's time);
 //   M=16: 364/176/367, 174/82/189, 4223/2088/3215, 2257/1173/1805;
 //   tiles / oneDNN at M=256: 960/1177, 380/421, smollm2 lm_head 49152x576 14054/14396, 7468/8647, 5670/4417;
 //   at M=512: 1175/1091, 712/508, 37780/34747, 17982/19742, 11047/8048; down at M=96 2592/2772, M=128 3269/2900.
+//   So the tiles run up to 256 rows for K <= 2048 (smollm2 down, K=1536, M=256: 457/541) and to 96 above.
+#ifndef SLIMLM_AMX_TILE_MAX
+#define SLIMLM_AMX_TILE_MAX 256
+#endif
+#ifndef SLIMLM_AMX_TILE_MAX_LONG_K
+#define SLIMLM_AMX_TILE_MAX_LONG_K 96
+#endif
 // At M=6 the streaming kernel makes a second pass for the sixth row (5-row register blocks) and the tiles win
 // for K <= 2048; longer K stays with the stream one row further. Measured on the same guest (all of a model's
 // matrices cycled, interleaved medians, stream / tiles, M=6): py-target 1.69 / 1.23 ms, smollm2's five shapes
@@ -96,15 +103,10 @@ namespace {
 #define SLIMLM_AMX_STREAM_MAX 5
 #endif
 #ifndef SLIMLM_AMX_STREAM_MAX_LONG_K
-#define SLIMLM_AMX_STREAM_MAX_LONG_K 6  // K > 2048: tinyllama down 2048x5632 at M=6, stream 1129 / tiles 1374 us
+#define SLIMLM_AMX_STREAM_MAX_LONG_K 6  // tinyllama down 2048x5632 at M=6: stream 1129 / tiles 1374 us
 #endif
-//   So the tiles run up to 256 rows for K <= 2048 (smollm2 down, K=1536, M=256: 457/541) and to 96 above.
-#ifndef SLIMLM_AMX_TILE_MAX
-#define SLIMLM_AMX_TILE_MAX 256
-#endif
-#ifndef SLIMLM_AMX_TILE_MAX_LONG_K
-#define SLIMLM_AMX_TILE_MAX_LONG_K 96  // K > 2048
-#endif
+// "Long K" for both AMX crossovers: K > kAmxLongK.
+constexpr int64_t kAmxLongK = 2048;
 #ifndef SLIMLM_PACKED_MAX_M
 #define SLIMLM_PACKED_MAX_M (SLIMLM_AMX ? 0 : 512)
 #endif
@@ -650,8 +652,9 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
 #endif
 #if SLIMLM_AMX
   const bool tiles_fit = xt == at::kBFloat16 && wt == at::kBFloat16 && slimlm_kernels::amx_permitted();
-  const int64_t tile_max = K <= 2048 ? SLIMLM_AMX_TILE_MAX : SLIMLM_AMX_TILE_MAX_LONG_K;
-  const int64_t stream_max = K <= 2048 ? SLIMLM_AMX_STREAM_MAX : SLIMLM_AMX_STREAM_MAX_LONG_K;
+  const bool long_k = K > kAmxLongK;
+  const int64_t stream_max = long_k ? SLIMLM_AMX_STREAM_MAX_LONG_K : SLIMLM_AMX_STREAM_MAX;
+  const int64_t tile_max = long_k ? SLIMLM_AMX_TILE_MAX_LONG_K : SLIMLM_AMX_TILE_MAX;
   if (path == 4 || (path == 0 && tiles_fit && M > stream_max && M <= tile_max)) {
     TORCH_CHECK(tiles_fit, "linear: the AMX path takes bf16 x and weight (and the OS must allow AMX)");
     at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -737,6 +740,7 @@ py::dict config() {
   d["block_mb"] = SLIMLM_BLOCK_MB;
   d["packed_max_m"] = SLIMLM_LINEAR_AVX512 ? SLIMLM_PACKED_MAX_M : 0;
   d["amx"] = SLIMLM_AMX != 0;
+  d["amx_long_k"] = kAmxLongK;
   d["amx_stream_max"] = SLIMLM_AMX ? SLIMLM_AMX_STREAM_MAX : 0;
   d["amx_stream_max_long_k"] = SLIMLM_AMX ? SLIMLM_AMX_STREAM_MAX_LONG_K : 0;
   d["amx_tile_max"] = SLIMLM_AMX ? SLIMLM_AMX_TILE_MAX : 0;

@@ -189,7 +189,6 @@ def prepare(codes, scales, zero_points, g_idx, spec, defines: dict[str, int] | N
         stored[:, k:] = 0  # padding meets x's zero padding: any value works, but keep the nibbles clean
         packed = _pack_nibbles(stored.to(torch.uint8))
     mod = load(defines)
-    tiles = w8a8 or gs >= 64  # the AMX kernel takes every layout but group size 32
     kernel = mod.QLinear(
         packed.contiguous(),
         scales.contiguous(),
@@ -202,9 +201,10 @@ def prepare(codes, scales, zero_points, g_idx, spec, defines: dict[str, int] | N
         qb,
         zu0,
         w8a8,
-        small_max(kind, tiles=tiles),
+        small_max(kind, tiles=False),
     )
-    if tiles:
+    if kernel.tiles_fit:  # the kernel decides: build, OS permission and layout (not group size 32)
+        kernel.small_max = small_max(kind, tiles=True)
         kernel.tile_max = tile_max(kind, w8a8)
     return kernel
 

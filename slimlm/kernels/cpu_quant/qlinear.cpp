@@ -351,7 +351,10 @@ static void small_path(const QLinear& L, const at::Tensor& x2, const at::Tensor&
 #endif
 constexpr int64_t kAmxMaxRows = 64;
 
-static bool amx_supported(const QLinear& L) { return !split_groups(L) && L.QB % 64 == 0 && slimlm_kernels::amx_permitted(); }
+// The tiles take every layout but split groups (group size 32: two scales per x-block).
+static bool amx_supported(const QLinear& L) {
+  return !split_groups(L) && L.QB % 64 == 0 && slimlm_kernels::amx_permitted();
+}
 
 // `rows` rows of W from row n (rows past N zero), inputs [k0, k0 + len), as tile rows of len bytes.
 static void unpack_rows(const QLinear& L, int64_t n, int64_t rows, int64_t k0, int64_t len, uint8_t* dst) {
@@ -761,6 +764,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__deepcopy__", [](const QLinear& L, py::dict) { return L; }, py::arg("memo"))
       .def_readwrite("small_max", &QLinear::small_max)
       .def_readwrite("tile_max", &QLinear::tile_max)
+      // Whether this weight can run on the AMX kernel here (the build, the OS's permission and the layout).
+      .def_property_readonly("tiles_fit",
+                             [](const QLinear& L) {
+#if SLIMLM_AMX
+                               return amx_supported(L);
+#else
+                               return false;
+#endif
+                             })
       .def_readonly("N", &QLinear::N)
       .def_readonly("K", &QLinear::K)
       .def_property_readonly("nbytes", [](const QLinear& L) {
