@@ -44,6 +44,7 @@ class TradeoffConfig:
     eval_data: str = "stdlib-test"
     eval_tokens: int = 65536  # cap on the evaluation tokens (0: the whole split)
     seq_len: int = 1024
+    eval_memory_mib: int = 4096  # float32 variants held at once while evaluating
     calib_tokens: int | None = None  # None: the compressor's CPU default
     decode_tokens: int = 64
     rounds: int = 3
@@ -103,24 +104,34 @@ def _decode_speeds(paths: dict[str, Path], cfg: TradeoffConfig) -> dict[str, flo
 
 
 def _accuracy(paths: dict[str, Path], cfg: TradeoffConfig) -> dict[str, dict[str, float]]:
+    """Perplexity and KL of every variant; the base runs once per window for a whole group of variants
+    (it was half the evaluation time), as many variants per group as ``cfg.eval_memory_mib`` holds."""
     from slimlm.data.corpus import load_text
-    from slimlm.eval.kl_div import kl_divergence
+    from slimlm.eval.kl_div import kl_divergences
     from slimlm.eval.perplexity import perplexity, tokenize
     from slimlm.model.loader import load_model
 
     base = load_model(cfg.model, dtype="float32")
     ids = tokenize(base.tokenizer, load_text(cfg.eval_data))
     cap = cfg.eval_tokens or None
-    result = {
-        "base": {"perplexity": perplexity(base.model, ids, cfg.seq_len, max_tokens=cap).perplexity, "kl_div": 0.0}
-    }
-    for label, path in tqdm(paths.items(), desc="evaluate", disable=not cfg.progress):
-        if label == "base":
-            continue
-        variant = load_model(path, dtype="float32")
-        kl = kl_divergence(variant.model, base.model, ids, cfg.seq_len, max_tokens=cap, progress=False)
-        result[label] = {"perplexity": kl.perplexity, "kl_div": kl.kl_div}
-    return result
+    per_model = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    per_group = max(1, cfg.eval_memory_mib * 2**20 // max(per_model, 1))
+    variants = [label for label in paths if label != "base"]
+    result: dict[str, dict[str, float]] = {}
+    bar = tqdm(total=len(variants), desc="evaluate", disable=not cfg.progress)
+    for i in range(0, len(variants), per_group):
+        group = {label: load_model(paths[label], dtype="float32").model for label in variants[i : i + per_group]}
+        scores = kl_divergences(group, base.model, ids, cfg.seq_len, max_tokens=cap, progress=False)
+        for label, kl in scores.items():
+            result[label] = {"perplexity": kl.perplexity, "kl_div": kl.kl_div}
+            result["base"] = {"perplexity": kl.base_perplexity, "kl_div": 0.0}
+        bar.update(len(group))
+        del group
+    bar.close()
+    if not variants:
+        base_ppl = perplexity(base.model, ids, cfg.seq_len, max_tokens=cap).perplexity
+        result["base"] = {"perplexity": base_ppl, "kl_div": 0.0}
+    return {"base": result["base"], **{label: result[label] for label in variants}}
 
 
 def run_tradeoff(cfg: TradeoffConfig) -> dict[str, Any]:

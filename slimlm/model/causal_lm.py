@@ -8,7 +8,7 @@ from torch import nn
 
 from slimlm.kernels import Ops
 from slimlm.model.config import ModelConfig
-from slimlm.model.layers import AttentionMetadata, DecoderLayer, RMSNorm
+from slimlm.model.layers import AttentionMetadata, DecoderLayer, Linear, RMSNorm, dense_linear
 from slimlm.model.paged_forward import LayerWeights, decoder_layer, linear
 from slimlm.model.quantized_linear import linear_weight
 from slimlm.model.rope import cos_sin_table
@@ -24,8 +24,11 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_positions = max_positions or config.max_position_embeddings
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.ops = ops
         self._inference_weights: list[LayerWeights] | None = None
         self.register_buffer("cos_sin", self.rope_table(), persistent=False)
 
@@ -73,4 +76,4 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             x = layer.forward_dense(x, positions, self.cos_sin)
         x = self.norm(x)
-        return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        return dense_linear(self.ops, x, self.embed_tokens.weight, None) if self.lm_head is None else self.lm_head(x)

@@ -123,3 +123,45 @@ def test_bench_compare_interleaves_models_and_reports_ratios_to_the_first(tiny, 
             assert row["decode_vs_base"] == row["output_vs_base"] == 1.0
     assert r["size_vs_base"][str(tiny)] == 1.0
     assert 0 < r["size_vs_base"][str(small)] < 1.0  # one layer instead of two
+
+
+def test_demo_table_scores_every_variant_against_the_base(tiny, tmp_path, capsys):
+    from slimlm.data.corpus import load_text
+    from slimlm.eval import kl_divergence
+    from slimlm.eval.perplexity import tokenize
+    from slimlm.model.loader import load_model
+
+    work = tmp_path / "variants"
+    r = run_json(
+        capsys,
+        "demo",
+        "--model",
+        str(tiny),
+        "--methods",
+        "rtn-w8",
+        "nf4",
+        "--eval-tokens",
+        "1024",
+        "--calib-tokens",
+        "512",
+        "--rounds",
+        "1",
+        "--work-dir",
+        str(work),
+        "--out",
+        str(tmp_path / "tradeoff.json"),
+        "--json",
+    )
+    rows = {row["label"]: row for row in r["rows"]}
+    assert list(rows) == ["base", "rtn-w8", "nf4"]
+    assert rows["base"]["kl_div"] == 0.0 and rows["base"]["speed_x"] == rows["base"]["memory_x"] == 1.0
+    assert json.loads((tmp_path / "tradeoff.json").read_text())["rows"] == r["rows"]
+    base = load_model(tiny, dtype="float32")
+    ids = tokenize(base.tokenizer, load_text("stdlib-test"))
+    for label in ("rtn-w8", "nf4"):
+        alone = kl_divergence(load_model(work / label, dtype="float32").model, base.model, ids, 1024, max_tokens=1024)
+        assert rows[label]["kl_div"] == pytest.approx(alone.kl_div, rel=1e-6) and alone.kl_div > 0
+        assert rows[label]["perplexity"] == pytest.approx(alone.perplexity, rel=1e-6)
+        assert rows["base"]["perplexity"] == pytest.approx(alone.base_perplexity, rel=1e-6)
+        assert rows[label]["decode_tok_s"] > 0 and rows[label]["memory_x"] > 1.0
+    assert rows["nf4"]["kl_div"] > rows["rtn-w8"]["kl_div"]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from slimlm.compress.checkpoint import METADATA_FILE, save_compressed
 from slimlm.model.compressed_format import pack_int32, unpack_int32
+from slimlm.model.layers import Linear
 from slimlm.model.loader import LoadError, load_model
 from slimlm.model.quantized_linear import QuantizedLinear
 from slimlm.model.quantized_weight import NF4_TABLE, QuantizedWeight, QuantScheme
@@ -360,7 +361,7 @@ def test_projection_with_mixed_schemes_is_dequantized(dense_dirs, tmp_path, capl
     with caplog.at_level(logging.WARNING):
         loaded = load(int4)
     assert "qkv_proj" in caplog.text and "dequantizing" in caplog.text
-    assert type(loaded.layers[0].self_attn.qkv_proj) is torch.nn.Linear
+    assert type(loaded.layers[0].self_attn.qkv_proj) is Linear  # dense, on the model kernels
     assert isinstance(loaded.layers[0].self_attn.o_proj, QuantizedLinear)
     torch.testing.assert_close(logits(loaded, IDS), transformers_logits(int4), rtol=1e-4, atol=1e-4)
 

@@ -12,6 +12,7 @@ import torch
 
 from slimlm.eval import kl_divergence, perplexity
 from slimlm.eval.cli import register
+from slimlm.eval.kl_div import kl_divergences
 from slimlm.model.loader import load_model
 from tests.conftest import make_hf_model
 
@@ -63,6 +64,24 @@ def test_kl_divergence_of_a_model_from_itself_is_zero_and_positive_when_perturbe
     result = kl_divergence(perturbed, model, IDS, 32, progress=False)
     assert result.kl_div > 1e-4 and result.perplexity != result.base_perplexity
     assert result.base_perplexity == pytest.approx(same.perplexity)
+
+
+def test_several_models_against_one_base_pass_match_one_at_a_time(tiny_dir):
+    base = load(tiny_dir)
+    models = {}
+    for i, scale in enumerate((0.02, 0.08)):
+        models[f"m{i}"] = m = load(tiny_dir)
+        with torch.no_grad():
+            w = m.layers[1].self_attn.o_proj.weight
+            w.add_(scale * torch.randn(w.shape, generator=torch.Generator().manual_seed(i)))
+    together = kl_divergences(models, base, IDS, 32, progress=False)
+    assert list(together) == ["m0", "m1"]
+    for name, model in models.items():
+        alone = kl_divergence(model, base, IDS, 32, progress=False)
+        assert together[name].kl_div == pytest.approx(alone.kl_div, rel=1e-6)
+        assert together[name].perplexity == pytest.approx(alone.perplexity, rel=1e-6)
+        assert together[name].base_perplexity == pytest.approx(alone.base_perplexity, rel=1e-6)
+    assert 0 < together["m0"].kl_div < together["m1"].kl_div
 
 
 def test_windows_are_clamped_to_the_model_positions(tiny_dir, caplog):

@@ -53,8 +53,41 @@ def test_logits_match_transformers(hf_checkpoints, arch, kernels):
     # A 9-token prefill, a 6-token chunk that starts mid-sequence, then five single-token decodes.
     got = paged_logits(ours, ids, [9, 6, 1, 1, 1, 1, 1])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    dense = ours.forward_dense(torch.tensor([ids]))[0]
+    dense = ours.forward_dense(torch.tensor([ids]))[0]  # autograd on: torch's linears
     torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the model's kernels
+        dense = ours.forward_dense(torch.tensor([ids]))[0]
+    torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa-tied", "qwen3-qknorm"])
+def test_dense_forward_takes_the_model_kernels_unless_autograd_needs_torch(hf_checkpoints, arch):
+    import dataclasses
+
+    model = load_model(hf_checkpoints[arch], dtype="float32", kernels="torch", load_tokenizer_files=False).model
+    calls = []
+
+    def recording_linear(x, weight, bias):
+        calls.append(tuple(weight.shape))
+        return torch.nn.functional.linear(x, weight, bias)
+
+    ops = dataclasses.replace(model.ops, linear=recording_linear)
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        got = model.forward_dense(ids)
+    # Four linears per layer and the output projection (the tied embedding or the lm_head).
+    assert len(calls) == 4 * model.config.num_layers + 1
+    assert calls[-1] == (model.config.vocab_size, model.config.hidden_size)
+    calls.clear()
+    model.requires_grad_(True)  # training: torch's path, so autograd sees the products
+    expected = model.forward_dense(ids)
+    assert calls == []
+    expected.sum().backward()
+    assert model.layers[0].self_attn.qkv_proj.weight.grad is not None
+    torch.testing.assert_close(got, expected.detach())
 
 
 def test_ops_backend_names():
