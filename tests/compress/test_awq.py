@@ -99,3 +99,18 @@ def test_modifier_scaling_keeps_the_float_model_and_lowers_the_quantized_error()
             d_layer.input_layernorm.weight.copy_(s_layer.input_layernorm.weight)
             d_layer.post_attention_layernorm.weight.copy_(s_layer.post_attention_layernorm.weight)
     assert rel_error(awq_model.forward_dense(ids), ref) < 0.95 * rel_error(rtn_model.forward_dense(ids), ref)
+
+
+@pytest.mark.parametrize("tokens", [64, 4096])  # the direct product, then the Gram matrix
+def test_linear_loss_equals_the_output_error_of_the_linear(tokens):
+    from slimlm.compress.modifiers.awq import _block_loss, _linear_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 96, generator=gen) * torch.linspace(0.1, 3.0, 96)
+    w = torch.randn(48, 96, generator=gen)
+    w_eff = w + 0.01 * torch.randn(48, 96, generator=gen)
+    expected = _block_loss(lambda v: torch.nn.functional.linear(x, v), w)(w_eff)
+    assert _linear_loss(x.view(-1, tokens // 16 if tokens > 64 else 4, 96), w, 21)(w_eff) == pytest.approx(
+        expected, rel=1e-4
+    )
+    assert _linear_loss(x, w, 21)(w) == pytest.approx(0.0, abs=1e-9)
