@@ -395,6 +395,8 @@ def test_bench_throughput_reports_speculation_on_the_grounded_workload(text_mode
         assert s[phase]["measured_speedup"] > 0 and 0 <= s[phase]["acceptance_rate"] <= 1
         assert "predicted_speedup" in s[phase] and "mean_accepted_length" in s[phase]
     assert s["metrics"]["proposed_tokens"] >= s["metrics"]["accepted_tokens"]
+    # A/B pairs at concurrency, after an untimed run that put the prompts in the prefix cache for both sides.
+    assert len(r["concurrent_runs"]) == len(s["concurrent"]["output_plain_runs"]) == 2
     # One ratio per round, each round on its own prompt: speculation and plain decoding of the same prompt.
     runs = zip(r["decode_batch1_runs"], s["batch1"]["decode_plain_runs"], strict=True)
     assert s["batch1"]["round_speedups"] == pytest.approx([a / b for a, b in runs])
