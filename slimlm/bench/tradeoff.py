@@ -117,21 +117,22 @@ def _accuracy(paths: dict[str, Path], cfg: TradeoffConfig) -> dict[str, dict[str
     per_model = sum(p.numel() * p.element_size() for p in base.model.parameters())
     per_group = max(1, cfg.eval_memory_mib * 2**20 // max(per_model, 1))
     variants = [label for label in paths if label != "base"]
-    result: dict[str, dict[str, float]] = {}
+    scores = {}
     bar = tqdm(total=len(variants), desc="evaluate", disable=not cfg.progress)
     for i in range(0, len(variants), per_group):
         group = {label: load_model(paths[label], dtype="float32").model for label in variants[i : i + per_group]}
-        scores = kl_divergences(group, base.model, ids, cfg.seq_len, max_tokens=cap, progress=False)
-        for label, kl in scores.items():
-            result[label] = {"perplexity": kl.perplexity, "kl_div": kl.kl_div}
-            result["base"] = {"perplexity": kl.base_perplexity, "kl_div": 0.0}
+        scores.update(kl_divergences(group, base.model, ids, cfg.seq_len, max_tokens=cap, progress=False))
         bar.update(len(group))
         del group
     bar.close()
-    if not variants:
+    if scores:
+        base_ppl = next(iter(scores.values())).base_perplexity
+    else:
         base_ppl = perplexity(base.model, ids, cfg.seq_len, max_tokens=cap).perplexity
-        result["base"] = {"perplexity": base_ppl, "kl_div": 0.0}
-    return {"base": result["base"], **{label: result[label] for label in variants}}
+    result = {"base": {"perplexity": base_ppl, "kl_div": 0.0}}
+    for label in variants:
+        result[label] = {"perplexity": scores[label].perplexity, "kl_div": scores[label].kl_div}
+    return result
 
 
 def run_tradeoff(cfg: TradeoffConfig) -> dict[str, Any]:

@@ -49,8 +49,8 @@ def fastest_dtype(device_type: str, ops: Ops = REFERENCE_OPS) -> torch.dtype:
     if device_type != "cpu":
         return torch.float32
     candidates = (torch.bfloat16, torch.float32)
-    decode = {d: _linear_seconds(ops.linear, d, rows=1, matrices=DECODE_MATRICES) for d in candidates}
-    prefill = {d: _linear_seconds(ops.linear, d, rows=64) for d in candidates}
+    decode = {d: _linear_seconds(ops.linear, d, rows=1, size=DECODE_SIZE, matrices=DECODE_MATRICES) for d in candidates}
+    prefill = {d: _linear_seconds(ops.linear, d, rows=64, size=PREFILL_SIZE) for d in candidates}
     best_prefill = min(prefill.values())
     usable = [d for d in candidates if prefill[d] <= 2 * best_prefill]
     return min(usable, key=decode.get)
@@ -59,12 +59,12 @@ def fastest_dtype(device_type: str, ops: Ops = REFERENCE_OPS) -> torch.dtype:
 # Decode reads every weight from memory once per token, so its timing cycles through more weights than a
 # last-level cache holds (8 x 2048^2 parameters, 64 MiB in bf16). Timed on one matrix in cache, bf16 (converted
 # on use) and fp32 came out within noise of each other on a Zen 3 with a 32 MiB L3, and the choice flipped
-# from one process to the next.
-DECODE_MATRICES = 8
+# from one process to the next. Prefill is compute-bound: one matrix, in cache, is enough.
+DECODE_MATRICES, DECODE_SIZE = 8, 2048
+PREFILL_SIZE = 1536
 
 
-def _linear_seconds(linear, dtype: torch.dtype, rows: int, matrices: int = 1, repeats: int = 5) -> float:
-    size = 2048 if matrices > 1 else 1536
+def _linear_seconds(linear, dtype: torch.dtype, rows: int, size: int, matrices: int = 1, repeats: int = 5) -> float:
     x = torch.randn(rows, size).to(dtype)
     # Kernel speed does not depend on the values; ones are quicker to make than random weights.
     weights = [torch.ones(size, size, dtype=dtype) for _ in range(matrices)]

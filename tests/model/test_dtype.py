@@ -8,7 +8,7 @@ import time
 import torch
 
 from slimlm.kernels import REFERENCE_OPS
-from slimlm.model.dtype import DECODE_MATRICES, fastest_dtype
+from slimlm.model.dtype import DECODE_MATRICES, DECODE_SIZE, fastest_dtype
 
 
 def timed_ops(seconds):
@@ -29,7 +29,7 @@ def test_decode_bound_by_bytes_picks_bf16_and_times_more_weights_than_a_cache_ho
     ops, seen = timed_ops(lambda rows, dtype: 1e-4 * (2 if dtype == torch.float32 else 1))
     assert fastest_dtype("cpu", ops) == torch.bfloat16
     assert len(seen[(1, torch.bfloat16)]) == DECODE_MATRICES == len(seen[(1, torch.float32)])
-    assert DECODE_MATRICES * 2048 * 2048 * 2 > 32 * 2**20  # bf16 bytes read per timed decode pass
+    assert DECODE_MATRICES * DECODE_SIZE**2 * 2 > 32 * 2**20  # bf16 bytes per timed pass: more than a 32 MiB L3
     assert len(seen[(64, torch.bfloat16)]) == 1
 
 
@@ -39,5 +39,5 @@ def test_bf16_is_refused_where_its_prefill_is_emulated():
     assert fastest_dtype("cpu", ops) == torch.float32
 
 
-def test_cuda_and_other_devices():
+def test_devices_other_than_cpu_and_cuda_take_float32():
     assert fastest_dtype("meta") == torch.float32

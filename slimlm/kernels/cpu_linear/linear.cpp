@@ -33,6 +33,7 @@
 
 #include "../common/gil.h"
 #include "../common/parallel.h"
+#include "../common/scratch.h"
 #include "amx_bf16.h"
 #include "packed_gemm.h"
 
@@ -438,8 +439,7 @@ static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tens
   // 64-byte aligned: unaligned x rows (malloc gives 16) make half the 32-byte x loads straddle
   // cache lines, measured 20-35% slower at M=2..16.
   static thread_local std::vector<float> xbuf;
-  if (static_cast<int64_t>(xbuf.size()) < M * ldx + 16) xbuf.resize(M * ldx + 16);
-  float* xf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xbuf.data()) + 63) & ~uintptr_t(63));
+  float* xf = slimlm_kernels::aligned_scratch(xbuf, M * ldx);
   if (x2.scalar_type() == at::kFloat)
     pack_x(x2.data_ptr<float>(), x2.stride(0), M, K, Kp, ldx, wbf16, xf);
   else
@@ -504,9 +504,8 @@ static void large_path_bf16(const at::Tensor& xf, const at::Tensor& w, const at:
   const int64_t nchunks = (N + ch - 1) / ch;
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   parallel_dynamic(nchunks, [&](int64_t c) {
-    static thread_local std::vector<float> scratch;  // reused across calls, 64-byte aligned
-    if (static_cast<int64_t>(scratch.size()) < ch * K + 16) scratch.resize(ch * K + 16);
-    float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    static thread_local std::vector<float> scratch;
+    float* ws = slimlm_kernels::aligned_scratch(scratch, ch * K);
     {
       const int64_t n0 = c * ch, rows = std::min(ch, N - n0);
       bf16_rows_to_f32(wp + n0 * K, rows, K, ws);
@@ -528,8 +527,7 @@ static void packed_path(const at::Tensor& x2, const at::Tensor& w, const at::Ten
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const int64_t np = (M + PW - 1) / PW;
   static thread_local std::vector<float> xbuf;
-  if (static_cast<int64_t>(xbuf.size()) < np * K * PW + 16) xbuf.resize(np * K * PW + 16);
-  float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xbuf.data()) + 63) & ~uintptr_t(63));
+  float* xt = slimlm_kernels::aligned_scratch(xbuf, np * K * PW);
   if (x2.scalar_type() == at::kFloat)
     pack_xt(x2.data_ptr<float>(), x2.stride(0), M, K, xt);
   else
@@ -565,9 +563,8 @@ static void packed_path(const at::Tensor& x2, const at::Tensor& w, const at::Ten
     parallel_dynamic(ntasks, [&](int64_t t) {
       static thread_local std::vector<float> wbuf, cbuf;
       const int64_t wrows = one_panel ? nr : gpt * nr;
-      if (static_cast<int64_t>(wbuf.size()) < wrows * ldw + 16) wbuf.resize(wrows * ldw + 16);
       if (static_cast<int64_t>(cbuf.size()) < gpt * nr * MC) cbuf.resize(gpt * nr * MC);
-      float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wbuf.data()) + 63) & ~uintptr_t(63));
+      float* ws = slimlm_kernels::aligned_scratch(wbuf, wrows * ldw);
       float* ct = cbuf.data();
       const int64_t g0 = t * gpt, g1 = std::min(groups, g0 + gpt);
       const int64_t n0 = g0 * nr, n1 = std::min(N, g1 * nr);
