@@ -111,23 +111,38 @@ def test_amx_tile_path(mod, M, K, N):
     _check(mod.linear_path(x.contiguous(), w, b.bfloat16(), 4), x, w, b.bfloat16())
 
 
-def test_bf16_dispatch_hands_over_to_the_tiles_by_k(mod):
-    """With AMX, bf16 x and W stream up to amx_stream_max rows for K <= amx_long_k and up to
-    amx_stream_max_long_k rows above, then take the tile kernel; without AMX these M all stream. Each row of W
-    is 2^25, ones, -2^25: fp32 sums lose the ones that meet the large value in the same accumulator, and the
-    two kernels group the inputs differently, so their results tell them apart."""
+def _sum_order_probe(K: int) -> torch.Tensor:
+    """16 rows of 2^25, ones, -2^25 in bf16: fp32 sums lose the ones that meet the large value in the same
+    accumulator, and kernels that group the inputs differently give different results, which tells them apart."""
+    w = torch.ones(16, K)
+    w[:, 0], w[:, -1] = 2.0**25, -(2.0**25)
+    return w.bfloat16()
+
+
+def test_bf16_dispatch_by_m_and_k(mod):
+    """bf16 x and W: with AMX they stream up to amx_stream_max rows for K <= amx_long_k and up to
+    amx_stream_max_long_k rows above, then take the tile kernel. Without AMX but with AVX512-BF16 they stream up
+    to native_stream_max rows (native_stream_max_long_k from K = 2048 on) and take oneDNN's bf16 GEMM above.
+    With neither, these M all stream."""
     cfg = mod.config()
-    for K, limit in ((384, cfg["amx_stream_max"]), (cfg["amx_long_k"] + 64, cfg["amx_stream_max_long_k"])):
-        w = torch.ones(16, K)
-        w[:, 0], w[:, -1] = 2.0**25, -(2.0**25)
-        w = w.bfloat16()
-        for M in (5, 6, 7):
+    if cfg["amx"]:
+        cases = ((384, cfg["amx_stream_max"]), (cfg["amx_long_k"] + 64, cfg["amx_stream_max_long_k"]))
+    else:
+        cases = ((384, cfg["native_stream_max"]), (2048, cfg["native_stream_max_long_k"]))
+    for K, limit in cases:
+        w = _sum_order_probe(K)
+        for M in sorted({max(limit, 1), limit + 1, 5, 7}):
             x = torch.ones(M, K).bfloat16()
             stream = mod.linear_path(x, w, None, 1)
-            expected = mod.linear_path(x, w, None, 4) if cfg["amx"] and M > limit else stream
             if cfg["amx"]:
-                assert not torch.equal(stream, mod.linear_path(x, w, None, 4)), (K, M)
-            assert torch.equal(mod.linear(x, w), expected), (K, M)
+                other = mod.linear_path(x, w, None, 4)
+            elif cfg["native_bf16_gemm"]:
+                other = torch.nn.functional.linear(x, w)
+            else:
+                assert torch.equal(mod.linear(x, w), stream), (K, M)
+                continue
+            assert not torch.equal(stream, other), (K, M)
+            assert torch.equal(mod.linear(x, w), other if M > limit else stream), (K, M)
 
 
 @pytest.mark.parametrize("M", [1, 3, 8, 17, 300])

@@ -250,9 +250,14 @@ def test_w8a8_vnni_and_avx2_agree_bit_for_bit(mod):
 
 def test_the_integer_kernel_runs_up_to_its_crossover_and_sgemm_above(mod):
     """``small_max`` rows and fewer take the vector integer kernel, up to ``tile_max`` the AMX kernel (where the
-    CPU has one), more take dequantize + sgemm (bit for bit); the crossover is lower where sgemm has AVX-512."""
+    CPU has one), more take dequantize + sgemm (bit for bit); the crossover is lower where sgemm has AVX-512, and
+    lower still where the CPU has a bf16 GEMM."""
     for kind in (cpu_quant.KIND_U4, cpu_quant.KIND_S8, cpu_quant.KIND_NF4):
         assert cpu_quant.small_max(kind, "avx2 avx512f fma") < cpu_quant.small_max(kind, "avx2 fma")
+        # With AVX512-BF16 the GEMM path runs on oneDNN's bf16 GEMM and takes over sooner still (never for NF4).
+        native = cpu_quant.small_max(kind, "avx2 avx512f avx512_bf16 fma")
+        assert native <= cpu_quant.small_max(kind, "avx2 avx512f fma")
+        assert native < cpu_quant.small_max(kind, "avx2 avx512f fma") or kind == cpu_quant.KIND_NF4
         amx = "avx2 avx512f fma amx_tile amx_int8"
         assert cpu_quant.small_max(kind, amx) < cpu_quant.small_max(kind, amx, tiles=False)
         assert cpu_quant.tile_max(kind, False, amx) == cpu_quant.small_max(kind, "avx2 avx512f fma")

@@ -16,8 +16,8 @@ Up to ``small_max`` rows of x the integer (vector) kernels run (x quantized to i
 ``maddubs``), which change the result slightly: x's rounding (absmax / 254 per input) gives a relative
 error of 6e-3 to 8e-3 against the fp32 reference on Gaussian x (tested: <= 1e-2), more where a block of x
 holds an outlier, as with llama.cpp's int8 activations. Above it, W is dequantized exactly as the reference
-does, in chunks, and multiplied by sgemm (on AMX CPUs with bf16 x: rounded to bf16, as a bf16 model's reference
-does, and multiplied by oneDNN's bf16 GEMM). W8A8 always runs the integer kernel, bit-exact with the reference.
+does, in chunks, and multiplied by sgemm (on CPUs with AMX or AVX512-BF16 and bf16 x: rounded to bf16, as a bf16
+model's reference does, and multiplied by oneDNN's bf16 GEMM). W8A8 always runs the integer kernel, bit-exact with the reference.
 On CPUs with AMX-INT8 the integer scheme runs on the tile unit (``amx_rows`` in ``qlinear.cpp``) from ``small_max`` to
 ``tile_max`` rows, with the same results.
 Cases these kernels do not cover (g_idx that are not a permutation of contiguous groups, group sizes other
@@ -61,6 +61,11 @@ SMALL_MAX_AVX2 = {KIND_U4: 320, KIND_S8: 256, KIND_NF4: 96}
 # integer kernel time / sgemm path time): int8 M=80 0.95 and 0.99, M=112 1.12 and 1.02; int4 M=112 1.04 and
 # 0.91, M=128 1.07 and 0.90, M=160 1.27 and 0.95; NF4 M=48 1.09 and 0.90, M=80 1.25 and 1.17.
 SMALL_MAX_AVX512 = {KIND_U4: 128, KIND_S8: 96, KIND_NF4: 48}
+# With AVX512-BF16 but no AMX (Zen 4/5) the path above the integer kernels dequantizes to bf16 for oneDNN's bf16
+# GEMM, which overtakes them sooner. Measured on a 2-core Zen 4 VM (2 threads, cold tinyllama gate_up, down and
+# qkv, GEMM path time / integer kernel time): int8 M=32 1.26-1.74, M=64 0.89-1.13, M=128 0.63-0.89; int4 M=64
+# 1.10-1.27, M=128 0.76-0.92.
+SMALL_MAX_NATIVE_BF16 = {KIND_U4: 96, KIND_S8: 64, KIND_NF4: 48}
 # With AMX-INT8 the same integer scheme runs on the tile unit above these M (not for group size 32, whose two
 # scales per x-block the tiles do not split). Measured on a 2-core AMX KVM guest (2 threads, cold tinyllama
 # gate_up 11264x2048 and down 2048x5632, us, vector kernel / tile kernel): int4 M=6 1173/1266 and 560/622, M=8
@@ -79,6 +84,8 @@ def small_max(kind: int, flags: str | None = None, tiles: bool = True) -> int:
     names = (build.cpu_flags() if flags is None else flags).split()
     if tiles and has_amx(names):
         return SMALL_MAX_AMX[kind]
+    if "avx512_bf16" in names:
+        return SMALL_MAX_NATIVE_BF16[kind]
     return (SMALL_MAX_AVX512 if "avx512f" in names else SMALL_MAX_AVX2)[kind]
 
 

@@ -50,8 +50,12 @@
 #include "../common/gil.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
-#if SLIMLM_AMX
+// bf16 GEMM hardware (AMX tiles, or AVX512-BF16's vdpbf16ps): large M goes dequantize-to-bf16 + oneDNN.
+#if SLIMLM_AMX || defined(__AVX512BF16__)
+#define SLIMLM_QUANT_BF16_GEMM 1
 #include "../common/avx512_bf16.h"
+#else
+#define SLIMLM_QUANT_BF16_GEMM 0
 #endif
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -573,10 +577,10 @@ static void gemm_path(const QLinear& L, const at::Tensor& xf, const at::Tensor& 
       /*adaptive=*/false);
 }
 
-#if SLIMLM_AMX
-// bf16 x on AMX CPUs: W is dequantized as above, rounded to bf16 (what a bf16 model's reference computes:
-// compressed-tensors decompresses to the model's dtype), into a buffer reused across calls, and multiplied
-// by oneDNN's bf16 GEMM on the tile unit, several times the sgemm path's rate.
+#if SLIMLM_QUANT_BF16_GEMM
+// bf16 x on CPUs with bf16 GEMM hardware: W is dequantized as above, rounded to bf16 (what a bf16 model's
+// reference computes: compressed-tensors decompresses to the model's dtype), into a buffer reused across calls,
+// and multiplied by oneDNN's bf16 GEMM (AMX tiles, or vdpbf16ps on Zen 4/5), several times the sgemm path's rate.
 static at::Tensor bf16_gemm_path(const QLinear& L, const at::Tensor& xb, const c10::optional<at::Tensor>& bias) {
   const int64_t N = L.N, K = L.K;
   static thread_local at::Tensor buf;  // one per calling thread: engines on several threads do not share it
@@ -637,7 +641,7 @@ at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at
     small_path(L, x2, b, out);
     return out.view(out_shape);
   }
-#if SLIMLM_AMX
+#if SLIMLM_QUANT_BF16_GEMM
   if (xt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16)) {
     at::Tensor xb = L.perm.defined() ? at::index_select(x2, 1, L.perm) : x2;
     return bf16_gemm_path(L, xb.contiguous(), b.defined() ? bias : c10::nullopt).view(out_shape);
