@@ -108,18 +108,19 @@ namespace {
 #endif
 // "Long K" for both AMX crossovers: K > kAmxLongK.
 constexpr int64_t kAmxLongK = 2048;
-// CPUs with AVX512-BF16 but no AMX (Zen 4, Zen 5, Cooper Lake): oneDNN's bf16 GEMM multiplies bf16 pairs in
-// one instruction (vdpbf16ps) and beats both the packed fp32 GEMM and the streaming kernel from a few rows on,
-// so bf16 x and W stream up to NATIVE_STREAM_MAX rows and go to oneDNN above (the packed GEMM is not used for
-// them). Measured on a 2-core Zen 4 VM (2 threads, all of a model's matrices cycled through 200 MB, interleaved
-// medians, oneDNN time / stream time): py-target M=8 1.37, M=12 1.30, M=16 0.94; smollm2 M=10 1.14, M=12 1.09,
-// M=16 0.90; tinyllama (K >= 2048) M=4 1.36, M=6 0.99, M=8 0.85, M=16 0.58. With hot weights oneDNN reached
-// 1.5-2.7x the packed GEMM's GFLOP/s at M=32-512 on smollm2's and tinyllama's shapes.
+// CPUs with AVX512-BF16 but no AMX (Zen 4, Zen 5, Cooper Lake): bf16 x and W stream (with vdpbf16ps, see
+// DotBf16) up to NATIVE_STREAM_MAX rows and go to oneDNN's bf16 GEMM above; the packed fp32 GEMM is not used
+// for them. Measured on a 2-core Zen 4 VM (2 threads, all of a model's matrices cycled through 150 MB,
+// interleaved medians, ms per set, stream / oneDNN): M=16 py-target 0.80/1.48, smollm2 6.69/11.08, tinyllama
+// 6.25/8.10; M=32 1.47/1.89, 12.59/15.34, 12.20/14.09; M=48 2.07/2.05, 18.06/19.90, 15.39/15.32; M=64
+// 3.17/3.90, 23.02/24.25, 18.78/18.32 (another run had M=32 at 1.37x and 1.20x oneDNN's time on py-target and
+// smollm2, so 40). Before vdpbf16ps the fp32-FMA stream crossed oneDNN at M=14 (K < 2048) and M=6 (K >= 2048);
+// oneDNN reached 1.5-2.7x the packed GEMM's GFLOP/s at M=32-512 on smollm2's and tinyllama's shapes.
 #ifndef SLIMLM_NATIVE_STREAM_MAX
-#define SLIMLM_NATIVE_STREAM_MAX 12
+#define SLIMLM_NATIVE_STREAM_MAX 40
 #endif
 #ifndef SLIMLM_NATIVE_STREAM_MAX_LONG_K
-#define SLIMLM_NATIVE_STREAM_MAX_LONG_K 5
+#define SLIMLM_NATIVE_STREAM_MAX_LONG_K 40
 #endif
 constexpr int64_t kNativeLongK = 2048;  // "long K" for the native crossover: K >= kNativeLongK
 #ifndef SLIMLM_PACKED_MAX_M
@@ -187,6 +188,8 @@ constexpr int VW = KB / 2;  // fp32 lanes per vector
 //   fp32: lo = elements 0..VW-1, hi = elements VW..KB-1 (x packed in natural order).
 struct LoadBf16 {
   using T = uint16_t;
+  using XT = float;  // x as packed for this loader
+  static constexpr bool kDot = false;
   static inline void load(const T* p, VF& lo, VF& hi) {
 #if SLIMLM_LINEAR_AVX512
     slimlm_avx512::split_bf16x32(p, lo, hi);
@@ -200,11 +203,32 @@ struct LoadBf16 {
 
 struct LoadF32 {
   using T = float;
+  using XT = float;
+  static constexpr bool kDot = false;
   static inline void load(const T* p, VF& lo, VF& hi) {
     lo = vload(p);
     hi = vload(p + VW);
   }
 };
+
+// bf16 x and W on CPUs with AVX512-BF16: one vdpbf16ps multiplies 16 pairs of bf16 (exact products) and adds
+// them to 16 fp32 lanes, where the fp32 kernel needs a split and two FMAs per 32 K-elements. x is packed as bf16
+// in natural order. The products are exact; the sums are rounded in fp32 (denormals flushed), so results
+// differ from the fp32 kernel's by summation order only.
+#ifndef SLIMLM_LINEAR_DP
+#if SLIMLM_LINEAR_AVX512 && defined(__AVX512BF16__)
+#define SLIMLM_LINEAR_DP 1
+#else
+#define SLIMLM_LINEAR_DP 0
+#endif
+#endif
+#if SLIMLM_LINEAR_DP
+struct DotBf16 {
+  using T = uint16_t;
+  using XT = uint16_t;
+  static constexpr bool kDot = true;
+};
+#endif
 
 // Sums of 4 vectors -> 4 floats.
 static inline __m128 hsum4(VF a4, VF b4, VF c4, VF d4) {
@@ -228,7 +252,7 @@ static inline float hsum1(VF a4) {
 // separate accumulators so that enough independent FMA chains are in flight.
 template <class L, int R, int MB>
 static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64_t rs,
-                             const float* __restrict xf, int64_t ldx, float* __restrict res) {
+                             const typename L::XT* __restrict xf, int64_t ldx, float* __restrict res) {
   constexpr bool kSplit = R * MB < 8;
   constexpr int A = kSplit ? 2 : 1;
   VF acc[MB][R][A];
@@ -241,6 +265,26 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64
 
   const int64_t Kfull = K & ~int64_t(KB - 1);
   auto step = [&](const typename L::T* const* rows, int64_t k, int64_t xk) {
+#if SLIMLM_LINEAR_DP
+    if constexpr (L::kDot) {
+      __m512i wv[R];
+#if SLIMLM_PREFETCH_BYTES > 0
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k) + SLIMLM_PREFETCH_BYTES, _MM_HINT_T0);
+#endif
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows[r] + k);
+#pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xf + m * ldx + xk);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], (__m512bh)wv[r], xv);
+      }
+      return;
+    } else
+#endif
+    {
 #if SLIMLM_LINEAR_AVX512
     // 32 registers hold all R rows' W halves: each x vector is loaded once per step, not R times
     // (with x reloaded per row, loads outnumbered FMAs and capped M >= 4 at ~115 GFLOP/s).
@@ -275,6 +319,7 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64
       }
     }
 #endif
+    }
   };
   const typename L::T* rows[R];
 #pragma GCC unroll 16
@@ -314,8 +359,8 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64
 
 // block_dot for a run-time number of x rows 1 <= mb <= MB.
 template <class L, int R, int MB>
-static inline void block_dot_rem(int mb, const typename L::T* w, int64_t K, int64_t rs, const float* xf,
-                                 int64_t ldx, float* res) {
+static inline void block_dot_rem(int mb, const typename L::T* w, int64_t K, int64_t rs,
+                                 const typename L::XT* xf, int64_t ldx, float* res) {
   if constexpr (MB >= 1) {
     if (mb == MB) return block_dot<L, R, MB>(w, K, rs, xf, ldx, res);
     block_dot_rem<L, R, MB - 1>(mb, w, K, rs, xf, ldx, res);
@@ -339,7 +384,7 @@ static inline void store_out(OutT* out, float v) {
 // 1-4 KB long, too short for the hardware prefetcher) by 10-45% for bf16: smollm2 lm_head
 // 19.2 -> 28.9 GB/s, tinyllama gate_up 20.2 -> 26.8 GB/s, and by 0-10% for fp32.
 template <class L, int R, int MBMAX, class OutT>
-static void small_range(const typename L::T* w, int64_t K, const float* xf, int64_t ldx, int64_t M,
+static void small_range(const typename L::T* w, int64_t K, const typename L::XT* xf, int64_t ldx, int64_t M,
                         const float* bias, OutT* out, int64_t ldo, int64_t n0, int64_t n1) {
   float res[MBMAX * R];
   // Results for x rows m0.. (mb of them) and W rows n, n + stride, ... (RR of them).
@@ -395,7 +440,7 @@ static void small_range(const typename L::T* w, int64_t K, const float* xf, int6
 #endif
 
 template <class L, class OutT>
-static void small_dispatch(const typename L::T* w, int64_t K, const float* xf, int64_t ldx, int64_t M,
+static void small_dispatch(const typename L::T* w, int64_t K, const typename L::XT* xf, int64_t ldx, int64_t M,
                            const float* bias, OutT* out, int64_t ldo, int64_t n0, int64_t n1) {
   if (M == 1)
     small_range<L, 8, 1>(w, K, xf, ldx, M, bias, out, ldo, n0, n1);
@@ -444,6 +489,29 @@ static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
   return bias->to(at::kFloat).contiguous();
 }
 
+// The streaming kernel over all of W for packed x: tasks of whole register blocks, claimed dynamically.
+template <class L>
+static void small_run(const at::Tensor& w, const at::Tensor& b, at::Tensor& out, const typename L::XT* xf,
+                      int64_t ldx, int64_t M, int64_t K, int64_t N) {
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t R = rows_per_block(M);
+  const int64_t row_bytes = K * w.element_size();
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  // Larger M means more work per byte: shrink tasks (down to 32 KB) so that they stay short.
+  const int64_t cap = std::clamp<int64_t>(4 * SLIMLM_TASK_BYTES / M, 32768, SLIMLM_TASK_BYTES);
+  const int64_t task_bytes = std::min<int64_t>(cap, std::max<int64_t>(32768, N * row_bytes / (2 * nt)));
+  const int64_t task_rows = R * std::max<int64_t>(1, task_bytes / std::max<int64_t>(1, R * row_bytes));
+  const int64_t ntasks = (N + task_rows - 1) / task_rows;
+  const auto* wp = reinterpret_cast<const typename L::T*>(w.data_ptr());
+  auto run = [&](auto* optr) {
+    parallel_dynamic(ntasks, [&](int64_t t) {
+      small_dispatch<L>(wp, K, xf, ldx, M, bp, optr, N, t * task_rows, std::min(N, (t + 1) * task_rows));
+    }, /*adaptive=*/true);
+  };
+  if (out.scalar_type() == at::kFloat) run(out.data_ptr<float>());
+  else run(reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>()));
+}
+
 static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tensor& b, at::Tensor& out) {
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const bool wbf16 = w.scalar_type() == at::kBFloat16;
@@ -453,38 +521,26 @@ static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tens
   // 64-byte aligned: unaligned x rows (malloc gives 16) make half the 32-byte x loads straddle
   // cache lines, measured 20-35% slower at M=2..16.
   static thread_local std::vector<float> xbuf;
+#if SLIMLM_LINEAR_DP
+  if (wbf16 && x2.scalar_type() == at::kBFloat16) {
+    // bf16 x as it is, each row zero padded to Kp (half the floats of the fp32 packing).
+    auto* xb = reinterpret_cast<uint16_t*>(slimlm_kernels::aligned_scratch(xbuf, (M * ldx + 1) / 2));
+    const auto* src = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; ++m) {
+      std::memcpy(xb + m * ldx, src + m * x2.stride(0), K * sizeof(uint16_t));
+      std::memset(xb + m * ldx + K, 0, (Kp - K) * sizeof(uint16_t));
+    }
+    return small_run<DotBf16>(w, b, out, xb, ldx, M, K, N);
+  }
+#endif
   float* xf = slimlm_kernels::aligned_scratch(xbuf, M * ldx);
   if (x2.scalar_type() == at::kFloat)
     pack_x(x2.data_ptr<float>(), x2.stride(0), M, K, Kp, ldx, wbf16, xf);
   else
     pack_x(x2.data_ptr<at::BFloat16>(), x2.stride(0), M, K, Kp, ldx, wbf16, xf);
 
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const int64_t R = rows_per_block(M);
-  const int64_t row_bytes = K * w.element_size();
-  // Tasks of whole register blocks, claimed dynamically by the threads.
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  // Larger M means more work per byte: shrink tasks (down to 32 KB) so that they stay short.
-  const int64_t cap = std::clamp<int64_t>(4 * SLIMLM_TASK_BYTES / M, 32768, SLIMLM_TASK_BYTES);
-  const int64_t task_bytes = std::min<int64_t>(cap, std::max<int64_t>(32768, N * row_bytes / (2 * nt)));
-  const int64_t task_rows = R * std::max<int64_t>(1, task_bytes / std::max<int64_t>(1, R * row_bytes));
-  const int64_t ntasks = (N + task_rows - 1) / task_rows;
-
-  auto run = [&](auto loader, auto* optr) {
-    using L = decltype(loader);
-    const auto* wp = reinterpret_cast<const typename L::T*>(w.data_ptr());
-    parallel_dynamic(ntasks, [&](int64_t t) {
-      small_dispatch<L>(wp, K, xf, ldx, M, bp, optr, N, t * task_rows, std::min(N, (t + 1) * task_rows));
-    }, /*adaptive=*/true);
-  };
-  if (out.scalar_type() == at::kFloat) {
-    if (wbf16) run(LoadBf16{}, out.data_ptr<float>());
-    else run(LoadF32{}, out.data_ptr<float>());
-  } else {
-    auto* o = reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>());
-    if (wbf16) run(LoadBf16{}, o);
-    else run(LoadF32{}, o);
-  }
+  if (wbf16) small_run<LoadBf16>(w, b, out, xf, ldx, M, K, N);
+  else small_run<LoadF32>(w, b, out, xf, ldx, M, K, N);
 }
 
 // bf16 rows [0, rows) of w (row stride K) -> fp32 dst [rows, K].
@@ -656,8 +712,12 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
   // oneDNN takes the bias in bf16 only; an fp32 bias (not a bf16 model's) keeps the fp32 paths below.
   const bool native = xt == at::kBFloat16 && wt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16);
   const int64_t native_stream_max = K >= kNativeLongK ? SLIMLM_NATIVE_STREAM_MAX_LONG_K : SLIMLM_NATIVE_STREAM_MAX;
-  if (path == 0 && native && M > native_stream_max) {
-    return at::linear(x2, w, b.defined() ? c10::optional<at::Tensor>(*bias) : c10::nullopt).view(out_shape);
+  if (path == 0 && native) {
+    if (M > native_stream_max)
+      return at::linear(x2, w, b.defined() ? c10::optional<at::Tensor>(*bias) : c10::nullopt).view(out_shape);
+    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    small_path(x2, w, b, out);
+    return x.dim() == 2 ? out : out.view(out_shape);
   }
 #endif
 #if SLIMLM_LINEAR_AVX512
@@ -771,10 +831,12 @@ py::dict config() {
   d["late_helper_events"] = slimlm_kernels::g_late_events.load();
 #if defined(__AVX512BF16__) && !SLIMLM_AMX
   d["native_stream_max"] = SLIMLM_NATIVE_STREAM_MAX;
+  d["stream_dot_bf16"] = SLIMLM_LINEAR_DP != 0;
   d["native_stream_max_long_k"] = SLIMLM_NATIVE_STREAM_MAX_LONG_K;
 #else
   d["native_stream_max"] = 0;
   d["native_stream_max_long_k"] = 0;
+  d["stream_dot_bf16"] = false;
 #endif
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
   d["native_bf16_gemm"] = true;
