@@ -16,8 +16,9 @@ Up to ``small_max`` rows of x the integer (vector) kernels run (x quantized to i
 ``maddubs``), which change the result slightly: x's rounding (absmax / 254 per input) gives a relative
 error of 6e-3 to 8e-3 against the fp32 reference on Gaussian x (tested: <= 1e-2), more where a block of x
 holds an outlier, as with llama.cpp's int8 activations. Above it, W is dequantized exactly as the reference
-does, in chunks, and multiplied by sgemm (on CPUs with AMX or AVX512-BF16 and bf16 x: rounded to bf16, as a bf16
-model's reference does, and multiplied by oneDNN's bf16 GEMM). W8A8 always runs the integer kernel, bit-exact with the reference.
+does, in chunks, and multiplied by sgemm (on CPUs with AMX or AVX512-BF16 and bf16 x: rounded to bf16, as a
+bf16 model's reference does, and multiplied by oneDNN's bf16 GEMM). W8A8 always runs the integer kernel,
+bit-exact with the reference.
 On CPUs with AMX-INT8 the integer scheme runs on the tile unit (``amx_rows`` in ``qlinear.cpp``) from ``small_max`` to
 ``tile_max`` rows, with the same results.
 Cases these kernels do not cover (g_idx that are not a permutation of contiguous groups, group sizes other
