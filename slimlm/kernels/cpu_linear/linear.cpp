@@ -265,14 +265,14 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64
 
   const int64_t Kfull = K & ~int64_t(KB - 1);
   auto step = [&](const typename L::T* const* rows, int64_t k, int64_t xk) {
+#if SLIMLM_LINEAR_AVX512 && SLIMLM_PREFETCH_BYTES > 0
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k) + SLIMLM_PREFETCH_BYTES, _MM_HINT_T0);
+#endif
 #if SLIMLM_LINEAR_DP
     if constexpr (L::kDot) {
       __m512i wv[R];
-#if SLIMLM_PREFETCH_BYTES > 0
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k) + SLIMLM_PREFETCH_BYTES, _MM_HINT_T0);
-#endif
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows[r] + k);
 #pragma GCC unroll 16
@@ -289,11 +289,6 @@ static inline void block_dot(const typename L::T* __restrict w, int64_t K, int64
     // 32 registers hold all R rows' W halves: each x vector is loaded once per step, not R times
     // (with x reloaded per row, loads outnumbered FMAs and capped M >= 4 at ~115 GFLOP/s).
     VF wlo[R], whi[R];
-#if SLIMLM_PREFETCH_BYTES > 0
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k) + SLIMLM_PREFETCH_BYTES, _MM_HINT_T0);
-#endif
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) L::load(rows[r] + k, wlo[r], whi[r]);
 #pragma GCC unroll 16
