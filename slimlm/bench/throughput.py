@@ -176,19 +176,25 @@ def run_throughput(config: ThroughputConfig) -> dict:
     engine = Engine(EngineConfig(model=config.model, **{**config.engine, "max_num_seqs": config.concurrency}))
     vocab = engine.model_config.vocab_size
     dtype = str(engine.dtype).replace("torch.", "")
-    count = config.concurrency + config.repeats
+    spec = engine.speculator
+    # Without speculation every round runs its own concurrent set (a repeated set would find its prompts in
+    # the prefix cache: 1.36x the output rate of the first run at 32 concurrent on smollm2); with it, one set
+    # that every A/B run finds cached (see below).
+    sets = 1 if spec is not None else config.repeats
+    count = config.concurrency * sets + config.repeats
     if config.workload == "grounded":
         if engine.tokenizer is None:
             raise ValueError("--workload grounded needs the model's tokenizer")
         prompts = grounded_prompts(engine.tokenizer, count, config.input_len, config.seed)
     else:
         prompts = random_prompts(count, config.input_len, vocab, config.seed)
-    spec = engine.speculator
     # Each batch-1 round decodes its own prompt: how much a speculative method gains depends on the prompt
     # (one grounded prompt measured 2.0x with prompt lookup where eight others had a median of 1.4x). The
-    # batch-1 prompts are kept out of the concurrent set, which they would reach prefix-cached, and prefill
+    # batch-1 prompts are kept out of the concurrent sets, which they would reach prefix-cached, and prefill
     # is timed on a fresh prompt every round (a cached one measured 12-15x transformers' prefill speed).
-    singles, prompts = prompts[config.concurrency :], prompts[: config.concurrency]
+    singles = prompts[config.concurrency * sets :]
+    concurrent_sets = [prompts[i * config.concurrency : (i + 1) * config.concurrency] for i in range(sets)]
+    prompts = concurrent_sets[0]
     run_batch(engine, singles[:1], 4)  # warm-up: kernels built, caches touched
 
     hf = None
@@ -197,6 +203,7 @@ def run_throughput(config: ThroughputConfig) -> dict:
 
         hf = HFBaseline(str(engine.loaded.path), engine.dtype)
     ours_decode, ours_prefill, hf_decode, hf_prefill, bandwidth, plain_decode = [], [], [], [], [], []
+    concurrent, concurrent_runs, plain_concurrent_runs = None, [], []
     spec_before = engine.speculative_metrics()
     steps = tqdm(range(config.repeats), desc="batch-1 (interleaved)", unit="round")
     for round_ in steps:
@@ -213,6 +220,13 @@ def run_throughput(config: ThroughputConfig) -> dict:
         if hf is not None:
             hf_prefill.append(hf.prefill_tokens_per_s(single[0]))
             hf_decode.append(hf.decode_tokens_per_s(single[0], config.output_len))
+        if spec is None:
+            # The N-concurrent run joins each round, so batch-1 and concurrency see the same phases of the VM's
+            # bandwidth (the same engine measured 311-600 output tok/s at 32 concurrent within minutes); the
+            # report's TTFT and TPOT are the first run's.
+            run = run_batch(engine, concurrent_sets[round_], config.output_len)
+            concurrent = concurrent or run
+            concurrent_runs.append(output_tok_s(run))
     spec_batch1 = _spec_delta(spec_before, engine.speculative_metrics()) if spec is not None else None
     if spec is not None:
         # An untimed plain run first: it puts the prompts in the prefix cache, which every later run reuses, so
@@ -221,15 +235,10 @@ def run_throughput(config: ThroughputConfig) -> dict:
         spec.enabled = False
         run_batch(engine, prompts, config.output_len)
         spec.enabled = True
-    spec_mid = engine.speculative_metrics()
-    concurrent = run_batch(engine, prompts, config.output_len)
-    concurrent_runs, plain_concurrent_runs = [output_tok_s(concurrent)], []
-    if spec is None:
-        # One run of N concurrent requests swung by +-10% between runs on the 2-core VMs: the median of
-        # `repeats` runs (TTFT and TPOT stay those of the first run).
-        for _ in range(config.repeats - 1):
-            concurrent_runs.append(output_tok_s(run_batch(engine, prompts, config.output_len)))
-    else:
+    if spec is not None:
+        spec_mid = engine.speculative_metrics()
+        concurrent = run_batch(engine, prompts, config.output_len)
+        concurrent_runs.append(output_tok_s(concurrent))
         # Speculation on and off alternate (A B A B) so a bandwidth swing does not decide the ratio.
         spec_concurrent = _spec_delta(spec_mid, engine.speculative_metrics())
         for round_ in range(config.repeats):
