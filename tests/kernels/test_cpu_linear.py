@@ -122,8 +122,8 @@ def _sum_order_probe(K: int) -> torch.Tensor:
 def test_bf16_dispatch_by_m_and_k(mod):
     """bf16 x and W: with AMX they stream up to amx_stream_max rows for K <= amx_long_k and up to
     amx_stream_max_long_k rows above, then take the tile kernel. Without AMX but with AVX512-BF16 they stream up
-    to native_stream_max rows (native_stream_max_long_k from K = 2048 on) and take oneDNN's bf16 GEMM above.
-    With neither, these M all stream."""
+    to native_stream_max rows (native_stream_max_long_k from K = 2048 on), take the vdpbf16ps GEMM up to
+    dp_gemm_max rows and oneDNN's bf16 GEMM above. With neither, these M all stream."""
     cfg = mod.config()
     if cfg["amx"]:
         cases = ((384, cfg["amx_stream_max"]), (cfg["amx_long_k"] + 64, cfg["amx_stream_max_long_k"]))
@@ -131,11 +131,13 @@ def test_bf16_dispatch_by_m_and_k(mod):
         cases = ((384, cfg["native_stream_max"]), (2048, cfg["native_stream_max_long_k"]))
     for K, limit in cases:
         w = _sum_order_probe(K)
-        for M in sorted({max(limit, 1), limit + 1, 5, 7}):
+        for M in sorted({max(limit, 1), limit + 1, 5, 7, cfg.get("dp_gemm_max", 0) + 1}):
             x = torch.ones(M, K).bfloat16()
             stream = mod.linear_path(x, w, None, 1)
             if cfg["amx"]:
                 other = mod.linear_path(x, w, None, 4)
+            elif cfg["native_bf16_gemm"] and M <= cfg["dp_gemm_max"]:
+                other = mod.linear_path(x, w, None, 5)
             elif cfg["native_bf16_gemm"]:
                 other = torch.nn.functional.linear(x, w)
             else:
@@ -373,3 +375,25 @@ def test_releases_the_gil_only_during_long_calls(mod):
         assert runs > 50, runs
     runs, quiet = _other_thread_during(lambda: mod.linear(short, w))
     assert quiet >= 0.8 * kernel, (runs, quiet, solo)
+
+
+@pytest.mark.parametrize(
+    "M,N,K", [(1, 16, 32), (6, 64, 64), (7, 70, 34), (33, 130, 576), (64, 200, 1026), (13, 1, 2050), (100, 65, 96)]
+)
+def test_dp_gemm_path(mod, M, N, K):
+    """The vdpbf16ps GEMM (bf16 x and W, even K): M not a multiple of its 6-row micro-kernel, N not a multiple of
+    its 64-row panels, K past its 512-element blocks and not a multiple of 32 pairs, strided x, bias or none.
+    Without AVX512-BF16 (or with AMX), forcing it is a clear error; odd K is refused."""
+    g = torch.Generator().manual_seed(M * 7 + N + K)
+    wide = torch.randn(M, K + 4, generator=g).bfloat16()
+    x = wide[:, 2 : K + 2]
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    if not mod.config()["dp_gemm_max"]:
+        with pytest.raises(RuntimeError, match="vdpbf16ps"):
+            mod.linear_path(x, w, b, 5)
+        return
+    _check(mod.linear_path(x, w, b, 5), x, w, b)
+    _check(mod.linear_path(x, w, None, 5), x, w, None)
+    with pytest.raises(RuntimeError, match="even K"):
+        mod.linear_path(torch.ones(2, 33).bfloat16(), torch.ones(4, 33).bfloat16(), None, 5)

@@ -109,18 +109,22 @@ namespace {
 // "Long K" for both AMX crossovers: K > kAmxLongK.
 constexpr int64_t kAmxLongK = 2048;
 // CPUs with AVX512-BF16 but no AMX (Zen 4, Zen 5, Cooper Lake): bf16 x and W stream (with vdpbf16ps, see
-// DotBf16) up to NATIVE_STREAM_MAX rows and go to oneDNN's bf16 GEMM above; the packed fp32 GEMM is not used
-// for them. Measured on a 2-core Zen 4 VM (2 threads, all of a model's matrices cycled through 150 MB,
-// interleaved medians, ms per set, stream / oneDNN): M=16 py-target 0.80/1.48, smollm2 6.69/11.08, tinyllama
-// 6.25/8.10; M=32 1.47/1.89, 12.59/15.34, 12.20/14.09; M=48 2.07/2.05, 18.06/19.90, 15.39/15.32; M=64
-// 3.17/3.90, 23.02/24.25, 18.78/18.32 (another run had M=32 at 1.37x and 1.20x oneDNN's time on py-target and
-// smollm2, so 40). Before vdpbf16ps the fp32-FMA stream crossed oneDNN at M=14 (K < 2048) and M=6 (K >= 2048);
-// oneDNN reached 1.5-2.7x the packed GEMM's GFLOP/s at M=32-512 on smollm2's and tinyllama's shapes.
+// DotBf16) up to NATIVE_STREAM_MAX rows, take the vdpbf16ps GEMM of dp_gemm.h up to DP_GEMM_MAX rows and
+// oneDNN's bf16 GEMM above; the packed fp32 GEMM is not used for them. Measured on a 2-core Zen 4 VM (2 threads,
+// all of a model's matrices cycled through 150 MB, interleaved medians, GFLOP/s, stream / dp GEMM / oneDNN):
+// M=16 py-target 196/137/113, smollm2 264/183/169, tinyllama 230/190/182; M=32 197/213/171, 270/261/244,
+// 281/279/267; M=64 232/278/253, 297/316/303, 344/343/348; M=128 263/360/349, 307/361/347, 365/396/395;
+// M=256 -/388/359, -/389/388, -/413/414; one hot matrix at M=512 and 2048: dp GEMM 388-435, oneDNN 385-433.
+// (Before vdpbf16ps the fp32-FMA stream crossed oneDNN at M=14 for K < 2048 and M=6 above; oneDNN reached
+// 1.5-2.7x the packed fp32 GEMM's GFLOP/s at M=32-512 on smollm2's and tinyllama's shapes.)
 #ifndef SLIMLM_NATIVE_STREAM_MAX
-#define SLIMLM_NATIVE_STREAM_MAX 40
+#define SLIMLM_NATIVE_STREAM_MAX 32
 #endif
 #ifndef SLIMLM_NATIVE_STREAM_MAX_LONG_K
-#define SLIMLM_NATIVE_STREAM_MAX_LONG_K 40
+#define SLIMLM_NATIVE_STREAM_MAX_LONG_K 32
+#endif
+#ifndef SLIMLM_DP_GEMM_MAX
+#define SLIMLM_DP_GEMM_MAX 512  // largest M of the vdpbf16ps GEMM (even K only; odd K goes to oneDNN)
 #endif
 constexpr int64_t kNativeLongK = 2048;  // "long K" for the native crossover: K >= kNativeLongK
 #ifndef SLIMLM_PACKED_MAX_M
@@ -538,6 +542,10 @@ static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tens
   else small_run<LoadF32>(w, b, out, xf, ldx, M, K, N);
 }
 
+#if SLIMLM_LINEAR_DP
+#include "dp_gemm.h"
+#endif
+
 // bf16 rows [0, rows) of w (row stride K) -> fp32 dst [rows, K].
 static void bf16_rows_to_f32(const uint16_t* w, int64_t rows, int64_t K, float* dst) {
   const int64_t n = rows * K;  // rows are contiguous: one flat conversion
@@ -677,7 +685,8 @@ static void packed_path(const at::Tensor& x2, const at::Tensor& w, const at::Ten
 #endif
 
 // path: 0 = pick by M, 1 = force the streaming kernel, 2 = force the convert + sgemm path, 3 = force the
-// packed GEMM (AVX-512 builds only) (benchmarks/tests).
+// packed GEMM (AVX-512 builds only), 4 = the AMX tiles, 5 = the vdpbf16ps GEMM (AVX512-BF16 without AMX; bf16
+// x and W, even K) (benchmarks/tests).
 at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t path) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear: CPU tensors only");
@@ -707,6 +716,21 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
   // oneDNN takes the bias in bf16 only; an fp32 bias (not a bf16 model's) keeps the fp32 paths below.
   const bool native = xt == at::kBFloat16 && wt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16);
   const int64_t native_stream_max = K >= kNativeLongK ? SLIMLM_NATIVE_STREAM_MAX_LONG_K : SLIMLM_NATIVE_STREAM_MAX;
+  if (path == 5 || (path == 0 && native && M > native_stream_max && M <= SLIMLM_DP_GEMM_MAX && K % 2 == 0 &&
+                    SLIMLM_LINEAR_DP)) {
+#if SLIMLM_LINEAR_DP
+    TORCH_CHECK(xt == at::kBFloat16 && wt == at::kBFloat16 && K % 2 == 0,
+                "linear: the vdpbf16ps GEMM path takes bf16 x and weight with an even K");
+    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr());
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    dp_gemm::gemm(xp, x2.stride(0), M, wp, N, K, bp, reinterpret_cast<c10::BFloat16*>(out.data_ptr()));
+    return x.dim() == 2 ? out : out.view(out_shape);
+#else
+    TORCH_CHECK(false, "linear: the vdpbf16ps GEMM path needs a CPU with AVX512-BF16");
+#endif
+  }
   if (path == 0 && native) {
     if (M > native_stream_max)
       return at::linear(x2, w, b.defined() ? c10::optional<at::Tensor>(*bias) : c10::nullopt).view(out_shape);
@@ -714,6 +738,8 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
     small_path(x2, w, b, out);
     return x.dim() == 2 ? out : out.view(out_shape);
   }
+#else
+  TORCH_CHECK(path != 5, "linear: the vdpbf16ps GEMM path needs a CPU with AVX512-BF16 (and no AMX)");
 #endif
 #if SLIMLM_LINEAR_AVX512
   if (path == 3 || (path == 0 && wt == at::kBFloat16 && M > small_max(wt, K) && M <= SLIMLM_PACKED_MAX_M)) {
@@ -827,11 +853,13 @@ py::dict config() {
 #if defined(__AVX512BF16__) && !SLIMLM_AMX
   d["native_stream_max"] = SLIMLM_NATIVE_STREAM_MAX;
   d["stream_dot_bf16"] = SLIMLM_LINEAR_DP != 0;
+  d["dp_gemm_max"] = SLIMLM_LINEAR_DP ? SLIMLM_DP_GEMM_MAX : 0;
   d["native_stream_max_long_k"] = SLIMLM_NATIVE_STREAM_MAX_LONG_K;
 #else
   d["native_stream_max"] = 0;
   d["native_stream_max_long_k"] = 0;
   d["stream_dot_bf16"] = false;
+  d["dp_gemm_max"] = 0;
 #endif
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
   d["native_bf16_gemm"] = true;
@@ -858,7 +886,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Prefill-sized calls release the GIL, decode-sized ones keep it (see common/gil.h).
   m.def("linear", &linear_entry, "y = x @ W.T + b (x fp32/bf16, W bf16/fp32, fp32 math, output in x's dtype)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
-  m.def("linear_path", &linear_path_entry, "linear with a forced path: 0 auto, 1 streaming kernel, 2 sgemm, 3 packed GEMM",
+  m.def("linear_path", &linear_path_entry,
+        "linear with a forced path: 0 auto, 1 streaming kernel, 2 sgemm, 3 packed GEMM, 4 AMX tiles, 5 vdpbf16ps GEMM",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("path"));
   m.def("read_probe", &read_probe, "benchmark helper: read a contiguous tensor with all threads, returns bytes read");
   m.def("set_chunk_rows", &set_chunk_rows, "benchmark helper: W rows per chunk on the GEMM path");
