@@ -235,7 +235,6 @@ def run_throughput(config: ThroughputConfig) -> dict:
         spec.enabled = False
         run_batch(engine, prompts, config.output_len)
         spec.enabled = True
-    if spec is not None:
         spec_mid = engine.speculative_metrics()
         concurrent = run_batch(engine, prompts, config.output_len)
         concurrent_runs.append(output_tok_s(concurrent))

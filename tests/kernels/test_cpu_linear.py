@@ -122,13 +122,13 @@ def _sum_order_probe(K: int) -> torch.Tensor:
 def test_bf16_dispatch_by_m_and_k(mod):
     """bf16 x and W: with AMX they stream up to amx_stream_max rows for K <= amx_long_k and up to
     amx_stream_max_long_k rows above, then take the tile kernel. Without AMX but with AVX512-BF16 they stream up
-    to native_stream_max rows (native_stream_max_long_k from K = 2048 on), take the vdpbf16ps GEMM up to
-    dp_gemm_max rows and oneDNN's bf16 GEMM above. With neither, these M all stream."""
+    to native_stream_max rows, take the vdpbf16ps GEMM up to dp_gemm_max rows (even K) and oneDNN's bf16 GEMM
+    above. With neither, these M all stream."""
     cfg = mod.config()
     if cfg["amx"]:
         cases = ((384, cfg["amx_stream_max"]), (cfg["amx_long_k"] + 64, cfg["amx_stream_max_long_k"]))
     else:
-        cases = ((384, cfg["native_stream_max"]), (2048, cfg["native_stream_max_long_k"]))
+        cases = ((384, cfg["native_stream_max"]), (2048, cfg["native_stream_max"]))
     for K, limit in cases:
         w = _sum_order_probe(K)
         for M in sorted({max(limit, 1), limit + 1, 5, 7, cfg.get("dp_gemm_max", 0) + 1}):

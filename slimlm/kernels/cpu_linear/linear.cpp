@@ -120,13 +120,9 @@ constexpr int64_t kAmxLongK = 2048;
 #ifndef SLIMLM_NATIVE_STREAM_MAX
 #define SLIMLM_NATIVE_STREAM_MAX 32
 #endif
-#ifndef SLIMLM_NATIVE_STREAM_MAX_LONG_K
-#define SLIMLM_NATIVE_STREAM_MAX_LONG_K 32
-#endif
 #ifndef SLIMLM_DP_GEMM_MAX
 #define SLIMLM_DP_GEMM_MAX 512  // largest M of the vdpbf16ps GEMM (even K only; odd K goes to oneDNN)
 #endif
-constexpr int64_t kNativeLongK = 2048;  // "long K" for the native crossover: K >= kNativeLongK
 #ifndef SLIMLM_PACKED_MAX_M
 #define SLIMLM_PACKED_MAX_M (SLIMLM_AMX ? 0 : 512)
 #endif
@@ -715,7 +711,7 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
 #if defined(__AVX512BF16__) && !SLIMLM_AMX
   // oneDNN takes the bias in bf16 only; an fp32 bias (not a bf16 model's) keeps the fp32 paths below.
   const bool native = xt == at::kBFloat16 && wt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16);
-  const int64_t native_stream_max = K >= kNativeLongK ? SLIMLM_NATIVE_STREAM_MAX_LONG_K : SLIMLM_NATIVE_STREAM_MAX;
+  constexpr int64_t native_stream_max = SLIMLM_NATIVE_STREAM_MAX;
   if (path == 5 || (path == 0 && native && M > native_stream_max && M <= SLIMLM_DP_GEMM_MAX && K % 2 == 0 &&
                     SLIMLM_LINEAR_DP)) {
 #if SLIMLM_LINEAR_DP
@@ -854,10 +850,8 @@ py::dict config() {
   d["native_stream_max"] = SLIMLM_NATIVE_STREAM_MAX;
   d["stream_dot_bf16"] = SLIMLM_LINEAR_DP != 0;
   d["dp_gemm_max"] = SLIMLM_LINEAR_DP ? SLIMLM_DP_GEMM_MAX : 0;
-  d["native_stream_max_long_k"] = SLIMLM_NATIVE_STREAM_MAX_LONG_K;
 #else
   d["native_stream_max"] = 0;
-  d["native_stream_max_long_k"] = 0;
   d["stream_dot_bf16"] = false;
   d["dp_gemm_max"] = 0;
 #endif
