@@ -325,3 +325,29 @@ def test_the_amx_kernel_equals_the_vector_kernel(mod, bits, group, symmetric, ki
                     y, ref = y.float(), ref.float()
                     tol = 2**-7 * ref.abs() + 1e-6 * ref.abs().max()
                     assert ((y - ref).abs() <= tol).all(), (m, dtype)
+
+
+@pytest.mark.parametrize(
+    "bits,group,symmetric,kind",
+    [(4, 128, True, "int"), (4, 64, False, "int"), (8, -1, True, "int"), (4, 64, True, "nf4")],
+)
+def test_dequantized_panels_into_the_bf16_gemm(mod, bits, group, symmetric, kind):
+    """bf16 x above the integer kernels' range on AVX512-BF16 CPUs without AMX: W is dequantized 64 rows at a time,
+    rounded to bf16 and multiplied by slimlm's vdpbf16ps GEMM (path 4, what path 0 picks there): the bf16 model's
+    product within the output's bf16 rounding. Elsewhere forcing path 4 is a clear error."""
+    n, k = 130, 512
+    codes, scales, zeros, g_idx, spec = _weight(n, k, bits, group, symmetric, kind, seed=21)
+    kernel = cpu_quant.prepare(codes, scales, zeros, g_idx, spec)
+    w = dequantize(codes, scales, zeros, g_idx, spec).bfloat16()
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(kernel.small_max + 5, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    if not mod.config().get("dp_gemm", False):
+        with pytest.raises(RuntimeError, match="path 4"):
+            kernel.forward_path(x, bias, 4)
+        return
+    y = kernel.forward_path(x, bias, 4)
+    ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2**-8
+    assert torch.equal(kernel(x, bias), y)

@@ -40,6 +40,7 @@ _DEPENDS = (
     _COMMON / "scratch.h",
     Path(__file__).with_name("packed_gemm.h"),
     Path(__file__).with_name("amx_bf16.h"),
+    Path(__file__).with_name("dp_gemm.h"),
 )
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)

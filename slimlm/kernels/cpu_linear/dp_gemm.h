@@ -5,9 +5,20 @@
 // pairs [K/2][64] (32-bit words: the two bf16 of W[n][2p], W[n][2p + 1]) with 16x16 transposes, then every
 // group of kMr x rows meets it from L1/L2 in an outer-product micro-kernel: per pair of K, 4 loads of W, kMr
 // broadcasts of an x pair and 4 * kMr vdpbf16ps into 4 * kMr accumulators, with no horizontal sums (the
-// streaming kernel's dot-product form needs them per output). Included by linear.cpp inside its namespace
-// where AVX512-BF16 is enabled.
+// streaming kernel's dot-product form needs them per output). Used by cpu_linear (bf16 weights) and cpu_quant
+// (quantized weights, dequantized to bf16 one panel at a time); include only where AVX512-BF16 is enabled.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../common/parallel.h"
+#include "../common/scratch.h"
 
 namespace dp_gemm {
 
@@ -110,11 +121,21 @@ inline void micro_any(int mr, const uint16_t* x, int64_t ldx, const uint32_t* wp
   }
 }
 
-// The whole product. x: bf16 [M, K] (row stride ldx elements, K even); w: bf16 [N, K] contiguous; bias: fp32
-// [N] or null; out: [M, N] contiguous (fp32 or bf16).
 template <class OutT>
-void gemm(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t N, int64_t K, const float* bias,
-          OutT* out) {
+inline void store(OutT* out, float v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    *out = v;
+  } else {
+    *out = c10::BFloat16(v);  // round to nearest even, like torch
+  }
+}
+
+// The whole product. x: bf16 [M, K] (row stride ldx elements, K even); bias: fp32 [N] or null; out: [M, N]
+// contiguous (fp32 or bf16). W's rows come from `rows_of(n0, rows)`: a pointer to rows [n0, n0 + rows) as bf16
+// [rows, K], valid until the calling thread's next call (the weight itself, or a thread's dequantized copy).
+template <class OutT, class RowsOf>
+void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int64_t K, const float* bias, OutT* out,
+          const RowsOf& rows_of) {
   const int64_t panels = (N + kNr - 1) / kNr;
   slimlm_kernels::parallel_dynamic(
       panels,
@@ -125,9 +146,10 @@ void gemm(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t 
         float* cbuf = slimlm_kernels::aligned_scratch(cbuf_v, M * kNr);
         const int64_t n0 = pi * kNr;
         const int rows = static_cast<int>(std::min<int64_t>(kNr, N - n0));
+        const uint16_t* w = rows_of(n0, rows);
         for (int64_t k0 = 0; k0 < K; k0 += kKc) {
           const int np = static_cast<int>(std::min<int64_t>(kKc, K - k0) / 2);
-          pack_panel(w, K, n0, rows, k0 / 2, np, wp);
+          pack_panel(w, K, 0, rows, k0 / 2, np, wp);
           for (int64_t m0 = 0; m0 < M; m0 += kMr) {
             const int mr = static_cast<int>(std::min<int64_t>(kMr, M - m0));
             micro_any(mr, x + m0 * ldx + k0, ldx, wp, np, cbuf + m0 * kNr, k0 == 0);
@@ -135,7 +157,7 @@ void gemm(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t 
         }
         for (int64_t m = 0; m < M; ++m)
           for (int j = 0; j < rows; ++j)
-            store_out(out + m * N + n0 + j, cbuf[m * kNr + j] + (bias ? bias[n0 + j] : 0.f));
+            store(out + m * N + n0 + j, cbuf[m * kNr + j] + (bias ? bias[n0 + j] : 0.f));
       },
       /*adaptive=*/false);
 }

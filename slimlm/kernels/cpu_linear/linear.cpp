@@ -36,6 +36,9 @@
 #include "../common/scratch.h"
 #include "amx_bf16.h"
 #include "packed_gemm.h"
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include "dp_gemm.h"
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -538,10 +541,6 @@ static void small_path(const at::Tensor& x2, const at::Tensor& w, const at::Tens
   else small_run<LoadF32>(w, b, out, xf, ldx, M, K, N);
 }
 
-#if SLIMLM_LINEAR_DP
-#include "dp_gemm.h"
-#endif
-
 // bf16 rows [0, rows) of w (row stride K) -> fp32 dst [rows, K].
 static void bf16_rows_to_f32(const uint16_t* w, int64_t rows, int64_t K, float* dst) {
   const int64_t n = rows * K;  // rows are contiguous: one flat conversion
@@ -721,7 +720,8 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
     const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    dp_gemm::gemm(xp, x2.stride(0), M, wp, N, K, bp, reinterpret_cast<c10::BFloat16*>(out.data_ptr()));
+    dp_gemm::gemm(xp, x2.stride(0), M, N, K, bp, reinterpret_cast<c10::BFloat16*>(out.data_ptr()),
+                  [&](int64_t n0, int) { return wp + n0 * K; });
     return x.dim() == 2 ? out : out.view(out_shape);
 #else
     TORCH_CHECK(false, "linear: the vdpbf16ps GEMM path needs a CPU with AVX512-BF16");

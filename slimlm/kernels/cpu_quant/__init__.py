@@ -46,6 +46,7 @@ _DEPENDS = (
     _HERE.parent / "common" / "scratch.h",
     _HERE.parent / "common" / "parallel.h",
     _HERE.parent / "common" / "gil.h",
+    _HERE.parent / "cpu_linear" / "dp_gemm.h",
 )
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
 _LDFLAGS = ("-fopenmp",)

@@ -50,12 +50,27 @@
 #include "../common/gil.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
-// bf16 GEMM hardware (AMX tiles, or AVX512-BF16's vdpbf16ps): large M goes dequantize-to-bf16 + oneDNN.
+// bf16 GEMM hardware (AMX tiles, or AVX512-BF16's vdpbf16ps): large M goes dequantize-to-bf16 + oneDNN, or, on
+// AVX512-BF16 CPUs without AMX, up to DP_GEMM_MAX rows, panels dequantized one at a time into slimlm's own
+// vdpbf16ps GEMM (cpu_linear/dp_gemm.h), so the bf16 copy of W is never written to memory whole.
 #if SLIMLM_AMX || defined(__AVX512BF16__)
 #define SLIMLM_QUANT_BF16_GEMM 1
 #include "../common/avx512_bf16.h"
 #else
 #define SLIMLM_QUANT_BF16_GEMM 0
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !SLIMLM_AMX
+#define SLIMLM_QUANT_DP_GEMM 1
+#include "../cpu_linear/dp_gemm.h"
+#else
+#define SLIMLM_QUANT_DP_GEMM 0
+#endif
+// Measured on a 2-core Zen 4 VM (2 threads, cold weights, interleaved medians, time of the dequantized panels
+// into the vdpbf16ps GEMM / dequantize whole W + oneDNN): int4 tinyllama gate_up, down, py-target gate_up M=128
+// 0.92, 0.89, 0.92; M=512 0.98, 0.97, 0.96; M=1024 0.95, 1.00, 0.91; M=2048 1.01, 1.14, 0.96; int8 M=128-512
+// 0.82-0.97.
+#ifndef SLIMLM_QUANT_DP_GEMM_MAX
+#define SLIMLM_QUANT_DP_GEMM_MAX 1024
 #endif
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -604,6 +619,34 @@ static at::Tensor bf16_gemm_path(const QLinear& L, const at::Tensor& xb, const c
 }
 #endif
 
+#if SLIMLM_QUANT_DP_GEMM
+// bf16 x, M above the integer kernels' range: each panel of W rows is dequantized as the reference does, rounded
+// to bf16 (as bf16_gemm_path does) into a per-thread buffer, and multiplied there by the vdpbf16ps GEMM.
+static void dp_gemm_path(const QLinear& L, const at::Tensor& xb, const at::Tensor& b, at::Tensor& out) {
+  const int64_t K = L.K;
+  auto rows_of = [&](int64_t n0, int rows) {
+    static thread_local std::vector<float> row_buf;
+    static thread_local std::vector<uint16_t> panel_buf;
+    float* row = aligned_scratch(row_buf, L.Kp + 64);
+    uint16_t* panel = aligned_scratch(panel_buf, rows * K + 32);
+    for (int r = 0; r < rows; ++r) {
+      dequant_row(L, n0 + r, row);
+      for (int64_t k = 0; k < K; k += 16)
+        slimlm_avx512::store_bf16x16(panel + r * K + k, _mm512_loadu_ps(row + k),
+                                     static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1));
+    }
+    return static_cast<const uint16_t*>(panel);
+  };
+  const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (out.scalar_type() == at::kFloat)
+    dp_gemm::gemm(xp, xb.stride(0), xb.size(0), L.N, K, bp, out.data_ptr<float>(), rows_of);
+  else
+    dp_gemm::gemm(xp, xb.stride(0), xb.size(0), L.N, K, bp, reinterpret_cast<c10::BFloat16*>(out.data_ptr()),
+                  rows_of);
+}
+#endif
+
 static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "quantized linear: bias must have shape [", N, "]");
@@ -611,7 +654,8 @@ static at::Tensor bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
   return bias->to(at::kFloat).contiguous();
 }
 
-// path: 0 picks by M, 1 forces the integer kernel, 2 the dequantize + sgemm path, 3 the AMX kernel (tests,
+// path: 0 picks by M, 1 forces the integer kernel, 2 the dequantize + sgemm path, 3 the AMX kernel, 4 the
+// dequantized panels into the vdpbf16ps GEMM (bf16 x, even K; AVX512-BF16 without AMX) (tests,
 // benchmarks).
 at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t path) {
   TORCH_CHECK(x.device().is_cpu(), "quantized linear: x must be on the CPU");
@@ -641,6 +685,16 @@ at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at
     small_path(L, x2, b, out);
     return out.view(out_shape);
   }
+#if SLIMLM_QUANT_DP_GEMM
+  if (xt == at::kBFloat16 && (path == 4 || (path == 0 && M <= SLIMLM_QUANT_DP_GEMM_MAX)) && L.K % 2 == 0) {
+    at::Tensor xb = (L.perm.defined() ? at::index_select(x2, 1, L.perm) : x2).contiguous();
+    at::Tensor out = at::empty({M, L.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    dp_gemm_path(L, xb, b, out);
+    return out.view(out_shape);
+  }
+#endif
+  TORCH_CHECK(path != 4 || SLIMLM_QUANT_DP_GEMM,
+              "quantized linear: path 4 (dequantized panels into the vdpbf16ps GEMM) needs AVX512-BF16 and no AMX");
 #if SLIMLM_QUANT_BF16_GEMM
   if (xt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16)) {
     at::Tensor xb = L.perm.defined() ? at::index_select(x2, 1, L.perm) : x2;
@@ -732,6 +786,8 @@ py::dict config() {
   d["task_bytes"] = SLIMLM_TASK_BYTES;
   d["prefetch"] = SLIMLM_QUANT_PREFETCH;
   d["vnni"] = bool(SLIMLM_QUANT_VNNI);
+  d["dp_gemm"] = bool(SLIMLM_QUANT_DP_GEMM);
+  d["dp_gemm_max"] = SLIMLM_QUANT_DP_GEMM ? SLIMLM_QUANT_DP_GEMM_MAX : 0;
   d["chunk_rows"] = g_chunk_rows;
   d["amx"] = bool(SLIMLM_AMX);
   d["serial_backoff"] = SLIMLM_SERIAL_BACKOFF;
