@@ -17,7 +17,8 @@ Up to ``small_max`` rows of x the integer (vector) kernels run (x quantized to i
 error of 6e-3 to 8e-3 against the fp32 reference on Gaussian x (tested: <= 1e-2), more where a block of x
 holds an outlier, as with llama.cpp's int8 activations. Above it, W is dequantized exactly as the reference
 does, in chunks, and multiplied by sgemm (on CPUs with AMX or AVX512-BF16 and bf16 x: rounded to bf16, as a
-bf16 model's reference does, and multiplied by oneDNN's bf16 GEMM). W8A8 always runs the integer kernel,
+bf16 model's reference does, and multiplied by oneDNN's bf16 GEMM, or, on AVX512-BF16 CPUs without AMX up to
+1024 rows, by slimlm's vdpbf16ps GEMM one 64-row panel at a time). W8A8 always runs the integer kernel,
 bit-exact with the reference.
 On CPUs with AMX-INT8 the integer scheme runs on the tile unit (``amx_rows`` in ``qlinear.cpp``) from ``small_max`` to
 ``tile_max`` rows, with the same results.
