@@ -322,8 +322,9 @@ def test_256_bit_build_matches_too(mod, M, K, wdt):
         _check(m.linear_path(x, w, b, 1), x, w, b)
 
 
-def _other_thread_during(call) -> tuple[int, float]:
-    """(how often another Python thread ran during the call, the longest stretch in which it did not run).
+def _other_thread_during(call) -> tuple[int, float, float]:
+    """(how often another Python thread ran during the call, the longest stretch in which it did not run, the
+    call's duration).
     A kernel holding the GIL lets no bytecode of another thread run while it computes, so the other thread
     falls silent for the kernel's whole duration (it may still run around the call's edges, when the calling
     thread is descheduled); a kernel that releases the GIL lets it run all through."""
@@ -350,7 +351,7 @@ def _other_thread_during(call) -> tuple[int, float]:
     done.set()
     t.join()
     inside = [t0, *(s for s in stamps if t0 < s < t1), t1]
-    return len(inside) - 2, max(b - a for a, b in itertools.pairwise(inside))
+    return len(inside) - 2, max(b - a for a, b in itertools.pairwise(inside)), t1 - t0
 
 
 def test_releases_the_gil_only_during_long_calls(mod):
@@ -371,10 +372,12 @@ def test_releases_the_gil_only_during_long_calls(mod):
     kernel = min(solo)
     assert kernel > 0.005, solo
     for call in (lambda: mod.linear_path(long, w, None, 2), lambda: mod.linear(long, w)):
-        runs, _ = _other_thread_during(call)  # tens of milliseconds: hundreds of runs when released
+        runs, _, _ = _other_thread_during(call)  # tens of milliseconds: hundreds of runs when released
         assert runs > 50, runs
-    runs, quiet = _other_thread_during(lambda: mod.linear(short, w))
-    assert quiet >= 0.8 * kernel, (runs, quiet, solo)
+    # Held: the other thread is silent for most of the call. Measured against this call's own duration, not
+    # the solo calls': this VM's speed moves by 2x within seconds (a 40 ms call once took 22 ms next).
+    runs, quiet, duration = _other_thread_during(lambda: mod.linear(short, w))
+    assert quiet >= 0.8 * duration, (runs, quiet, duration, solo)
 
 
 @pytest.mark.parametrize(
