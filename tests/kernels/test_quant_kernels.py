@@ -351,3 +351,5 @@ def test_dequantized_panels_into_the_bf16_gemm(mod, bits, group, symmetric, kind
     assert y.dtype == torch.bfloat16
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2**-8
     assert torch.equal(kernel(x, bias), y)
+    with pytest.raises(RuntimeError, match="path 4"):
+        kernel.forward_path(x.float(), bias, 4)

@@ -693,8 +693,8 @@ at::Tensor forward(const QLinear& L, const at::Tensor& x, const c10::optional<at
     return out.view(out_shape);
   }
 #endif
-  TORCH_CHECK(path != 4 || SLIMLM_QUANT_DP_GEMM,
-              "quantized linear: path 4 (dequantized panels into the vdpbf16ps GEMM) needs AVX512-BF16 and no AMX");
+  TORCH_CHECK(path != 4, "quantized linear: path 4 (dequantized panels into the vdpbf16ps GEMM) needs bf16 x, an "
+                          "even K and a CPU with AVX512-BF16 but no AMX");
 #if SLIMLM_QUANT_BF16_GEMM
   if (xt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16)) {
     at::Tensor xb = L.perm.defined() ? at::index_select(x2, 1, L.perm) : x2;
