@@ -706,6 +706,9 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
     at::Tensor out = b.defined() ? b.expand({M, N}).to(xt) : at::zeros({M, N}, x.options());
     return out.reshape(out_shape);
   }
+  // The output of the paths that write [M, N] themselves, and its view in x's leading shape.
+  auto new_out = [&] { return at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous)); };
+  auto shaped = [&](const at::Tensor& out) { return x.dim() == 2 ? out : out.view(out_shape); };
 
 #if defined(__AVX512BF16__) && !SLIMLM_AMX
   // oneDNN takes the bias in bf16 only; an fp32 bias (not a bf16 model's) keeps the fp32 paths below.
@@ -716,13 +719,13 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
 #if SLIMLM_LINEAR_DP
     TORCH_CHECK(xt == at::kBFloat16 && wt == at::kBFloat16 && K % 2 == 0,
                 "linear: the vdpbf16ps GEMM path takes bf16 x and weight with an even K");
-    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor out = new_out();
     const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr());
     const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     dp_gemm::gemm(xp, x2.stride(0), M, N, K, bp, reinterpret_cast<c10::BFloat16*>(out.data_ptr()),
                   [&](int64_t n0, int) { return wp + n0 * K; });
-    return x.dim() == 2 ? out : out.view(out_shape);
+    return shaped(out);
 #else
     TORCH_CHECK(false, "linear: the vdpbf16ps GEMM path needs a CPU with AVX512-BF16");
 #endif
@@ -730,18 +733,18 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
   if (path == 0 && native) {
     if (M > native_stream_max)
       return at::linear(x2, w, b.defined() ? c10::optional<at::Tensor>(*bias) : c10::nullopt).view(out_shape);
-    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor out = new_out();
     small_path(x2, w, b, out);
-    return x.dim() == 2 ? out : out.view(out_shape);
+    return shaped(out);
   }
 #else
   TORCH_CHECK(path != 5, "linear: the vdpbf16ps GEMM path needs a CPU with AVX512-BF16 (and no AMX)");
 #endif
 #if SLIMLM_LINEAR_AVX512
   if (path == 3 || (path == 0 && wt == at::kBFloat16 && M > small_max(wt, K) && M <= SLIMLM_PACKED_MAX_M)) {
-    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor out = new_out();
     packed_path(x2, w, b, out);
-    return x.dim() == 2 ? out : out.view(out_shape);
+    return shaped(out);
   }
 #else
   TORCH_CHECK(path != 3, "linear: the packed GEMM path needs an AVX-512 build");
@@ -753,20 +756,20 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
   const int64_t tile_max = long_k ? SLIMLM_AMX_TILE_MAX_LONG_K : SLIMLM_AMX_TILE_MAX;
   if (path == 4 || (path == 0 && tiles_fit && M > stream_max && M <= tile_max)) {
     TORCH_CHECK(tiles_fit, "linear: the AMX path takes bf16 x and weight (and the OS must allow AMX)");
-    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor out = new_out();
     slimlm_linear_amx::linear(reinterpret_cast<const uint16_t*>(x2.data_ptr()), x2.stride(0), M,
                               reinterpret_cast<const uint16_t*>(w.data_ptr()), N, K,
                               b.defined() ? b.data_ptr<float>() : nullptr,
                               reinterpret_cast<c10::BFloat16*>(out.data_ptr()));
-    return x.dim() == 2 ? out : out.view(out_shape);
+    return shaped(out);
   }
 #else
   TORCH_CHECK(path != 4, "linear: the AMX path needs a CPU with AMX");
 #endif
   if (path == 1 || (path == 0 && M <= small_max(wt, K))) {
-    at::Tensor out = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor out = new_out();
     small_path(x2, w, b, out);
-    return x.dim() == 2 ? out : out.view(out_shape);
+    return shaped(out);
   }
 
 #if defined(__AMX_BF16__) || defined(__AVX512BF16__)
