@@ -225,7 +225,7 @@ def run_throughput(config: ThroughputConfig) -> dict:
             # bandwidth (the same engine measured 311-600 output tok/s at 32 concurrent within minutes); the
             # report's TTFT and TPOT are the first run's.
             run = run_batch(engine, concurrent_sets[round_], config.output_len)
-            concurrent = concurrent or run
+            concurrent = run if concurrent is None else concurrent
             concurrent_runs.append(output_tok_s(run))
     spec_batch1 = _spec_delta(spec_before, engine.speculative_metrics()) if spec is not None else None
     if spec is not None:

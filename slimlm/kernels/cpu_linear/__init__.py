@@ -38,6 +38,7 @@ _DEPENDS = (
     _COMMON / "avx512_bf16.h",
     _COMMON / "amx.h",
     _COMMON / "scratch.h",
+    _COMMON / "store.h",
     Path(__file__).with_name("packed_gemm.h"),
     Path(__file__).with_name("amx_bf16.h"),
     Path(__file__).with_name("dp_gemm.h"),

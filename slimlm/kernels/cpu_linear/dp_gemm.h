@@ -9,16 +9,15 @@
 // (quantized weights, dequantized to bf16 one panel at a time); include only where AVX512-BF16 is enabled.
 #pragma once
 
-#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "../common/parallel.h"
 #include "../common/scratch.h"
+#include "../common/store.h"
 
 namespace dp_gemm {
 
@@ -121,15 +120,6 @@ inline void micro_any(int mr, const uint16_t* x, int64_t ldx, const uint32_t* wp
   }
 }
 
-template <class OutT>
-inline void store(OutT* out, float v) {
-  if constexpr (std::is_same_v<OutT, float>) {
-    *out = v;
-  } else {
-    *out = c10::BFloat16(v);  // round to nearest even, like torch
-  }
-}
-
 // The whole product. x: bf16 [M, K] (row stride ldx elements, K even); bias: fp32 [N] or null; out: [M, N]
 // contiguous (fp32 or bf16). W's rows come from `rows_of(n0, rows)`: a pointer to rows [n0, n0 + rows) as bf16
 // [rows, K], valid until the calling thread's next call (the weight itself, or a thread's dequantized copy).
@@ -157,7 +147,7 @@ void gemm(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int64_t K, const
         }
         for (int64_t m = 0; m < M; ++m)
           for (int j = 0; j < rows; ++j)
-            store(out + m * N + n0 + j, cbuf[m * kNr + j] + (bias ? bias[n0 + j] : 0.f));
+            slimlm_kernels::store_out(out + m * N + n0 + j, cbuf[m * kNr + j] + (bias ? bias[n0 + j] : 0.f));
       },
       /*adaptive=*/false);
 }

@@ -34,6 +34,7 @@
 #include "../common/gil.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
+#include "../common/store.h"
 #include "amx_bf16.h"
 #include "packed_gemm.h"
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -52,6 +53,8 @@
 #endif
 
 namespace {
+
+using slimlm_kernels::store_out;
 
 // The vector width of the streaming kernel and whether the packed GEMM exists (see below).
 #ifndef SLIMLM_LINEAR_AVX512
@@ -362,15 +365,6 @@ static inline void block_dot_rem(int mb, const typename L::T* w, int64_t K, int6
   if constexpr (MB >= 1) {
     if (mb == MB) return block_dot<L, R, MB>(w, K, rs, xf, ldx, res);
     block_dot_rem<L, R, MB - 1>(mb, w, K, rs, xf, ldx, res);
-  }
-}
-
-template <class OutT>
-static inline void store_out(OutT* out, float v) {
-  if constexpr (std::is_same_v<OutT, float>) {
-    *out = v;
-  } else {
-    *out = c10::BFloat16(v);  // round to nearest even, like torch
   }
 }
 
@@ -710,13 +704,16 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
   auto new_out = [&] { return at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous)); };
   auto shaped = [&](const at::Tensor& out) { return x.dim() == 2 ? out : out.view(out_shape); };
 
+  // bf16 x and W (and bias, as oneDNN wants it) on AVX512-BF16 CPUs without AMX ("native"): their own stream
+  // limit, the vdpbf16ps GEMM above it, and oneDNN's bf16 GEMM (the branch at the end) instead of the packed GEMM.
 #if defined(__AVX512BF16__) && !SLIMLM_AMX
-  // oneDNN takes the bias in bf16 only; an fp32 bias (not a bf16 model's) keeps the fp32 paths below.
   const bool native = xt == at::kBFloat16 && wt == at::kBFloat16 && (!b.defined() || bias->scalar_type() == at::kBFloat16);
-  constexpr int64_t native_stream_max = SLIMLM_NATIVE_STREAM_MAX;
-  if (path == 5 || (path == 0 && native && M > native_stream_max && M <= SLIMLM_DP_GEMM_MAX && K % 2 == 0 &&
-                    SLIMLM_LINEAR_DP)) {
-#if SLIMLM_LINEAR_DP
+#else
+  constexpr bool native = false;
+#endif
+  const int64_t stream_limit = native ? SLIMLM_NATIVE_STREAM_MAX : small_max(wt, K);
+#if SLIMLM_LINEAR_DP && !SLIMLM_AMX
+  if (path == 5 || (path == 0 && native && M > stream_limit && M <= SLIMLM_DP_GEMM_MAX && K % 2 == 0)) {
     TORCH_CHECK(xt == at::kBFloat16 && wt == at::kBFloat16 && K % 2 == 0,
                 "linear: the vdpbf16ps GEMM path takes bf16 x and weight with an even K");
     at::Tensor out = new_out();
@@ -726,22 +723,12 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
     dp_gemm::gemm(xp, x2.stride(0), M, N, K, bp, reinterpret_cast<c10::BFloat16*>(out.data_ptr()),
                   [&](int64_t n0, int) { return wp + n0 * K; });
     return shaped(out);
-#else
-    TORCH_CHECK(false, "linear: the vdpbf16ps GEMM path needs a CPU with AVX512-BF16");
-#endif
-  }
-  if (path == 0 && native) {
-    if (M > native_stream_max)
-      return at::linear(x2, w, b.defined() ? c10::optional<at::Tensor>(*bias) : c10::nullopt).view(out_shape);
-    at::Tensor out = new_out();
-    small_path(x2, w, b, out);
-    return shaped(out);
   }
 #else
   TORCH_CHECK(path != 5, "linear: the vdpbf16ps GEMM path needs a CPU with AVX512-BF16 (and no AMX)");
 #endif
 #if SLIMLM_LINEAR_AVX512
-  if (path == 3 || (path == 0 && wt == at::kBFloat16 && M > small_max(wt, K) && M <= SLIMLM_PACKED_MAX_M)) {
+  if (path == 3 || (path == 0 && !native && wt == at::kBFloat16 && M > stream_limit && M <= SLIMLM_PACKED_MAX_M)) {
     at::Tensor out = new_out();
     packed_path(x2, w, b, out);
     return shaped(out);
@@ -766,7 +753,7 @@ at::Tensor linear_path(const at::Tensor& x, const at::Tensor& weight, const c10:
 #else
   TORCH_CHECK(path != 4, "linear: the AMX path needs a CPU with AMX");
 #endif
-  if (path == 1 || (path == 0 && M <= small_max(wt, K))) {
+  if (path == 1 || (path == 0 && M <= stream_limit)) {
     at::Tensor out = new_out();
     small_path(x2, w, b, out);
     return shaped(out);

@@ -45,6 +45,7 @@ _DEPENDS = (
     _HERE.parent / "common" / "amx.h",
     _HERE.parent / "common" / "avx512_bf16.h",
     _HERE.parent / "common" / "scratch.h",
+    _HERE.parent / "common" / "store.h",
     _HERE.parent / "common" / "parallel.h",
     _HERE.parent / "common" / "gil.h",
     _HERE.parent / "cpu_linear" / "dp_gemm.h",

@@ -117,10 +117,6 @@ static inline void pin(__m256i& v) {
 #define SLIMLM_QUANT_PREFETCH 1024
 #endif
 
-#ifndef SLIMLM_QUANT_INTERLEAVE  // 0: the block loop with one W row's MB chains at a time (to compare)
-#define SLIMLM_QUANT_INTERLEAVE 1
-#endif
-
 // Integer dot of one chunk of W (32 bytes as loaded) with one chunk of q, added to acc (int16 lanes for
 // unsigned nibbles: at most 8 chunks per block; int32 for signed weights).
 //
@@ -179,117 +175,69 @@ static inline void block_dot(const uint8_t* __restrict w, int64_t rs, const floa
   const int64_t groups = SPLIT ? xq.NB : xq.G;  // SPLIT: two scales per x-block, indexed in the block
   const int64_t per = SPLIT ? 1 : bpg;
   // Scales are broadcast from memory where used: hoisting R of them into registers spilled the accumulators.
-#if SLIMLM_QUANT_INTERLEAVE
-  if constexpr (!SPLIT) {
-    // All R x MB accumulator chains advance together, chunk by chunk: each (row, x row) pair still sums its
-    // chunks in the same order (the same integers and floats as the loop below), but R * MB independent
-    // vpdpbusd chains hide the instruction's latency where the loop below had MB at a time. Measured on a 2-core
-    // Zen 4 VM (2 threads, cold W, interleaved medians, time vs the loop below): tinyllama gate_up and down
-    // int8 M=16 0.95 and 0.95, M=32 0.91 and 0.90; int4 M=16 0.98 and 0.97, M=32 0.97 and 0.96; M=4 0.96-1.04.
-    for (int64_t g = 0, b = 0; g < groups; ++g) {
-      for (int64_t bb = 0; bb < per; ++bb, ++b) {
-        const int8_t* qb = xq.q + m0 * xq.ldq + b * CPB * 32;
-        const float* db = xq.d + m0 * xq.NB + b;
-        __m256i acc[R][MB];
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_si256();
-        if constexpr (SLIMLM_QUANT_PREFETCH > 0)
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r)
-            for (int64_t o = 0; o < kBlockBytes; o += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(w + r * rs + b * kBlockBytes + SLIMLM_QUANT_PREFETCH + o),
-                           _MM_HINT_T0);
-#pragma GCC unroll 4
-        for (int c = 0; c < CPB; c += 2) {
-          __m256i w0[R], w1[R], a0[R], a1[R];
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            WL::load2(w + r * rs + b * kBlockBytes + c / 2 * WL::kPairBytes, w0[r], w1[r]);
-            a0[r] = w0[r];
-            a1[r] = w1[r];
-            if constexpr (WL::kSigned) {
-              a0[r] = _mm256_sign_epi8(w0[r], w0[r]);
-              a1[r] = _mm256_sign_epi8(w1[r], w1[r]);
-            }
-          }
-#pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) {
-            const int8_t* qm = qb + m * xq.ldq + c * 32;
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-              acc[r][m] = chunk_dot<WL>(acc[r][m], w0[r], a0[r], qm, ones);
-              pin<MB>(acc[r][m]);
-            }
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-              acc[r][m] = chunk_dot<WL>(acc[r][m], w1[r], a1[r], qm + 32, ones);
-              pin<MB>(acc[r][m]);
-            }
-          }
-        }
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) {
-          const __m256 d = _mm256_broadcast_ss(db + m * xq.NB);
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            const __m256 sw = _mm256_broadcast_ss(s + r * ss + g);
-            facc[m][r] = _mm256_fmadd_ps(to_f32<WL>(acc[r][m], ones), _mm256_mul_ps(d, sw), facc[m][r]);
-          }
-        }
-      }
-    }
-  } else
-#endif
+  // All R x MB accumulator chains advance together, chunk by chunk (each (W row, x row) pair sums its chunks in
+  // order), so R * MB independent vpdpbusd chains hide the instruction's latency. Measured on a 2-core Zen 4 VM
+  // (2 threads, cold W, interleaved medians) against one W row's MB chains at a time (the same integers and
+  // floats): tinyllama gate_up and down int8 M=16 0.95 and 0.95, M=32 0.91 and 0.90; int4 M=16 0.98 and 0.97,
+  // M=32 0.97 and 0.96; M=4 0.96-1.04.
   for (int64_t g = 0, b = 0; g < groups; ++g) {
     for (int64_t bb = 0; bb < per; ++bb, ++b) {
       const int8_t* qb = xq.q + m0 * xq.ldq + b * CPB * 32;
       const float* db = xq.d + m0 * xq.NB + b;
+      __m256i acc[R][MB], acc1[R][MB];  // acc1: SPLIT's second chunk of each pair
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* wp = w + r * rs + b * kBlockBytes;
-        if constexpr (SLIMLM_QUANT_PREFETCH > 0)
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) acc[r][m] = acc1[r][m] = _mm256_setzero_si256();
+      if constexpr (SLIMLM_QUANT_PREFETCH > 0)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
           for (int64_t o = 0; o < kBlockBytes; o += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(wp + SLIMLM_QUANT_PREFETCH + o), _MM_HINT_T0);
-        __m256i acc[MB], acc1[MB];
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) acc[m] = acc1[m] = _mm256_setzero_si256();
+            _mm_prefetch(reinterpret_cast<const char*>(w + r * rs + b * kBlockBytes + SLIMLM_QUANT_PREFETCH + o),
+                         _MM_HINT_T0);
 #pragma GCC unroll 4
-        for (int c = 0; c < CPB; c += 2) {
-          __m256i w0, w1;
-          WL::load2(wp + c / 2 * WL::kPairBytes, w0, w1);
-          __m256i a0 = w0, a1 = w1;
-          if constexpr (WL::kSigned) {
-            a0 = _mm256_sign_epi8(w0, w0);
-            a1 = _mm256_sign_epi8(w1, w1);
-          }
+      for (int c = 0; c < CPB; c += 2) {
+        __m256i w0[R], w1[R], a0[R], a1[R];
 #pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) {
-            const int8_t* qm = qb + m * xq.ldq + c * 32;
-            acc[m] = chunk_dot<WL>(acc[m], w0, a0, qm, ones);
-            pin<MB>(acc[m]);
-            if constexpr (SPLIT) {
-              acc1[m] = chunk_dot<WL>(acc1[m], w1, a1, qm + 32, ones);
-              pin<MB>(acc1[m]);
-            } else {
-              acc[m] = chunk_dot<WL>(acc[m], w1, a1, qm + 32, ones);
-              pin<MB>(acc[m]);
-            }
+        for (int r = 0; r < R; ++r) {
+          WL::load2(w + r * rs + b * kBlockBytes + c / 2 * WL::kPairBytes, w0[r], w1[r]);
+          a0[r] = w0[r];
+          a1[r] = w1[r];
+          if constexpr (WL::kSigned) {
+            a0[r] = _mm256_sign_epi8(w0[r], w0[r]);
+            a1[r] = _mm256_sign_epi8(w1[r], w1[r]);
           }
         }
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
-          const __m256 d = _mm256_broadcast_ss(db + m * xq.NB);
+          const int8_t* qm = qb + m * xq.ldq + c * 32;
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            acc[r][m] = chunk_dot<WL>(acc[r][m], w0[r], a0[r], qm, ones);
+            pin<MB>(acc[r][m]);
+          }
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            __m256i& second = SPLIT ? acc1[r][m] : acc[r][m];
+            second = chunk_dot<WL>(second, w1[r], a1[r], qm + 32, ones);
+            pin<MB>(second);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const __m256 d = _mm256_broadcast_ss(db + m * xq.NB);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
           if constexpr (SPLIT) {
             const float* sr = s + r * ss + 2 * b;
             facc[m][r] =
-                _mm256_fmadd_ps(to_f32<WL>(acc[m], ones), _mm256_mul_ps(d, _mm256_broadcast_ss(sr)), facc[m][r]);
-            facc[m][r] =
-                _mm256_fmadd_ps(to_f32<WL>(acc1[m], ones), _mm256_mul_ps(d, _mm256_broadcast_ss(sr + 1)), facc[m][r]);
+                _mm256_fmadd_ps(to_f32<WL>(acc[r][m], ones), _mm256_mul_ps(d, _mm256_broadcast_ss(sr)), facc[m][r]);
+            facc[m][r] = _mm256_fmadd_ps(to_f32<WL>(acc1[r][m], ones), _mm256_mul_ps(d, _mm256_broadcast_ss(sr + 1)),
+                                         facc[m][r]);
           } else {
             const __m256 sw = _mm256_broadcast_ss(s + r * ss + g);
-            facc[m][r] = _mm256_fmadd_ps(to_f32<WL>(acc[m], ones), _mm256_mul_ps(d, sw), facc[m][r]);
+            facc[m][r] = _mm256_fmadd_ps(to_f32<WL>(acc[r][m], ones), _mm256_mul_ps(d, sw), facc[m][r]);
           }
         }
       }

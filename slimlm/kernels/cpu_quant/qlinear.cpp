@@ -50,6 +50,7 @@
 #include "../common/gil.h"
 #include "../common/parallel.h"
 #include "../common/scratch.h"
+#include "../common/store.h"
 // bf16 GEMM hardware (AMX tiles, or AVX512-BF16's vdpbf16ps): large M goes dequantize-to-bf16 + oneDNN, or, on
 // AVX512-BF16 CPUs without AMX, up to DP_GEMM_MAX rows, panels dequantized one at a time into slimlm's own
 // vdpbf16ps GEMM (cpu_linear/dp_gemm.h), so the bf16 copy of W is never written to memory whole.
@@ -82,6 +83,7 @@ namespace {
 using namespace slimlm_quant;
 using slimlm_kernels::aligned_scratch;
 using slimlm_kernels::parallel_dynamic;
+using slimlm_kernels::store_out;
 
 // The prepared weight (see prepare() in __init__.py for the layouts).
 struct QLinear {
@@ -147,15 +149,6 @@ static void quantize_x(const QLinear& L, const XT* x, int64_t sx, int64_t M, boo
   }
 }
 
-
-template <class OutT>
-static inline void store_out(OutT* out, float v) {
-  if constexpr (std::is_same_v<OutT, float>) {
-    *out = v;
-  } else {
-    *out = c10::BFloat16(v);  // round to nearest even, like torch
-  }
-}
 
 struct Job {
   const QLinear* L;
