@@ -23,6 +23,13 @@ def _reference(x, w, b):
     return y
 
 
+def _bf16_case(M: int, N: int, K: int, seed: int):
+    """bf16 x [M, K] as a strided view (rows of a wider tensor, offset by 2), W [N, K] and a bias [N]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K + 6, generator=g).bfloat16()[:, 2 : K + 2]
+    return x, torch.randn(N, K, generator=g).bfloat16(), torch.randn(N, generator=g).bfloat16()
+
+
 def _check(y, x, w, b):
     ref = _reference(x, w, b)
     assert y.dtype == x.dtype
@@ -97,11 +104,8 @@ def test_both_paths_every_m(mod, path, M, wdt, xdt):
 def test_amx_tile_path(mod, M, K, N):
     """The AMX tile kernel (bf16 x and W): one x tile and 64-row W blocks up to M = 16, pairs of x tiles above,
     K not a multiple of 32, N not a multiple of 16, strided x. Without AMX, forcing it is a clear error."""
-    g = torch.Generator().manual_seed(M + K + N)
-    wide = torch.randn(M, K + 6, generator=g).bfloat16()
-    x = wide[:, 2 : K + 2]
-    w = torch.randn(N, K, generator=g).bfloat16()
-    b = torch.randn(N, generator=g)
+    x, w, b = _bf16_case(M, N, K, seed=M + K + N)
+    b = b.float()
     if not mod.config()["amx"]:
         with pytest.raises(RuntimeError, match="AMX"):
             mod.linear_path(x, w, b, 4)
@@ -387,11 +391,7 @@ def test_dp_gemm_path(mod, M, N, K):
     """The vdpbf16ps GEMM (bf16 x and W, even K): M not a multiple of its 6-row micro-kernel, N not a multiple of
     its 64-row panels, K past its 512-element blocks and not a multiple of 32 pairs, strided x, bias or none.
     Without AVX512-BF16 (or with AMX), forcing it is a clear error; odd K is refused."""
-    g = torch.Generator().manual_seed(M * 7 + N + K)
-    wide = torch.randn(M, K + 4, generator=g).bfloat16()
-    x = wide[:, 2 : K + 2]
-    w = torch.randn(N, K, generator=g).bfloat16()
-    b = torch.randn(N, generator=g).bfloat16()
+    x, w, b = _bf16_case(M, N, K, seed=M * 7 + N + K)
     if not mod.config()["dp_gemm_max"]:
         with pytest.raises(RuntimeError, match="vdpbf16ps"):
             mod.linear_path(x, w, b, 5)
